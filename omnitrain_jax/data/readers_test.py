@@ -1,0 +1,668 @@
+"""Tests for the annotation readers: every format, every field, bad input."""
+
+import copy
+import json
+import os
+import pickle
+
+import grain
+import numpy as np
+import PIL.Image
+import pytest
+
+from omnitrain_jax.data import images
+from omnitrain_jax.data import readers
+from omnitrain_jax.data.errors import DataError, SkipCounter
+
+RECORD_KEYS = {
+    "stream", "source", "image_id", "image_path", "image_bytes", "width",
+    "height", "boxes", "box_texts", "category_ids", "phrase_ids", "caption",
+    "neg_texts", "not_exhaustive_texts", "box_spans"}
+
+
+def check_schema(rec):
+  """Asserts the record schema of schema.py (+ box_spans)."""
+  assert set(rec) == RECORD_KEYS
+  n = len(rec["boxes"])
+  assert rec["stream"] in ("det", "grd", "img")
+  assert isinstance(rec["image_id"], int)
+  assert isinstance(rec["width"], int) and isinstance(rec["height"], int)
+  assert rec["boxes"].dtype == np.float32 and rec["boxes"].shape == (n, 4)
+  assert rec["category_ids"].dtype == np.int32
+  assert rec["category_ids"].shape == (n,)
+  assert rec["phrase_ids"].dtype == np.int32 and rec["phrase_ids"].shape == (n,)
+  assert len(rec["box_texts"]) == n and len(rec["box_spans"]) == n
+  assert all(isinstance(t, str) and t for t in rec["box_texts"])
+  assert isinstance(rec["caption"], str)
+  assert rec["image_bytes"] is None and os.path.isabs(rec["image_path"])
+  if n and rec["width"]:
+    b = rec["boxes"]
+    assert (b[:, 2] > b[:, 0]).all() and (b[:, 3] > b[:, 1]).all()
+    assert (b >= 0).all() and (b[:, 2] <= rec["width"]).all()
+    assert (b[:, 3] <= rec["height"]).all()
+
+
+def _write_image(path, w, h):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  PIL.Image.new("RGB", (w, h), (10, 200, 30)).save(path)
+
+
+def _write_json(path, data):
+  with open(path, "w") as f:
+    json.dump(data, f)
+  return str(path)
+
+
+# ----------------------------------------------------------------------------
+# COCO
+# ----------------------------------------------------------------------------
+
+
+def coco_data():
+  return {
+      "images": [
+          {"id": 1, "file_name": "a.jpg", "width": 40, "height": 30},
+          {"id": 2, "file_name": "b.png", "width": 20, "height": 20},
+      ],
+      "categories": [{"id": 1, "name": "person"}, {"id": 3, "name": "car"},
+                     {"id": 7, "name": "traffic light"},
+                     {"id": 9, "name": "dog"}],
+      "annotations": [
+          {"id": 10, "image_id": 1, "category_id": 3, "bbox": [1, 2, 10, 5],
+           "iscrowd": 0},
+          {"id": 11, "image_id": 1, "category_id": 1, "bbox": [5, 5, 20, 20]},
+          {"id": 12, "image_id": 1, "category_id": 9, "bbox": [0, 0, 40, 30],
+           "iscrowd": 1},
+      ],
+  }
+
+
+@pytest.fixture
+def coco_dir(tmp_path):
+  _write_image(tmp_path / "img" / "a.jpg", 40, 30)
+  _write_image(tmp_path / "img" / "b.png", 20, 20)
+  return tmp_path
+
+
+def _load_coco(tmp_path, data, **kw):
+  path = _write_json(tmp_path / "instances.json", data)
+  return readers.load_coco_instances(path, tmp_path / "img", **kw)
+
+
+def test_coco_every_field(coco_dir):
+  src = _load_coco(coco_dir, coco_data())
+  assert (src.name, src.stream, len(src), src.num_skipped) == ("coco", "det",
+                                                                2, 0)
+  assert src.category_names == {1: "person", 3: "car", 7: "traffic light",
+                                9: "dog"}
+  assert src.category_frequency is None
+  rec = src[0]
+  check_schema(rec)
+  assert rec["source"] == "coco" and rec["image_id"] == 1
+  assert rec["image_path"] == str(coco_dir / "img" / "a.jpg")
+  assert (rec["width"], rec["height"]) == (40, 30)
+  np.testing.assert_array_equal(rec["boxes"], [[1, 2, 11, 7], [5, 5, 25, 25]])
+  assert rec["box_texts"] == ["car", "person"]
+  assert rec["category_ids"].tolist() == [3, 1]
+  assert rec["phrase_ids"].tolist() == [0, 1]
+  assert rec["caption"] == ""
+  # "dog" is a crowd region: present, so not a negative.
+  assert rec["neg_texts"] == ["traffic light"]
+  assert rec["not_exhaustive_texts"] == [] and rec["box_spans"] == [[], []]
+  empty = src[1]
+  check_schema(empty)
+  assert empty["image_id"] == 2 and len(empty["boxes"]) == 0
+  assert empty["neg_texts"] == ["person", "car", "traffic light", "dog"]
+  assert src[-1]["image_id"] == 2
+  with pytest.raises(IndexError):
+    src[2]
+  # The decoder accepts the record as is.
+  assert images.load_image(rec).shape == (30, 40, 3)
+
+
+def test_coco_skip_empty_and_records_are_copies(coco_dir):
+  src = _load_coco(coco_dir, coco_data(), skip_empty=True)
+  assert len(src) == 1 and src.num_boxes == 2
+  rec = src[0]
+  rec["boxes"][:] = -1
+  assert (src[0]["boxes"] >= 0).all()
+
+
+def test_coco_small_overflow_is_clipped(coco_dir):
+  data = coco_data()
+  # Overflows the 40x30 image by 0.9 px right and 0.5 px up: within 1 px + 1%.
+  data["annotations"][0]["bbox"] = [30, -0.5, 10.9, 10]
+  src = _load_coco(coco_dir, data)
+  np.testing.assert_allclose(src[0]["boxes"][0], [30, 0, 40, 9.5])
+  assert src.num_skipped == 0
+
+
+def test_grain_and_pickle(coco_dir):
+  src = _load_coco(coco_dir, coco_data())
+  ds = grain.MapDataset.source(src)
+  assert len(ds) == 2 and ds[1]["image_id"] == 2
+  again = pickle.loads(pickle.dumps(src))
+  assert again[0]["box_texts"] == src[0]["box_texts"]
+  np.testing.assert_array_equal(again[0]["boxes"], src[0]["boxes"])
+  assert isinstance(again.skipped, SkipCounter)
+
+
+def _ann_case(case):
+  """(mutate(data), reason, record substring) of a bad COCO annotation."""
+  def set_bbox(v):
+    def f(d):
+      d["annotations"][0]["bbox"] = v
+    return f
+  def set_key(k, v):
+    def f(d):
+      d["annotations"][0][k] = v
+    return f
+  def drop_key(k):
+    def f(d):
+      del d["annotations"][0][k]
+    return f
+  return {
+      "nan": (set_bbox([float("nan"), 2, 10, 5]), "non-finite box"),
+      "zero_size": (set_bbox([1, 2, 0, 5]), "empty box"),
+      "negative_size": (set_bbox([1, 2, 10, -5]), "empty box"),
+      "outside": (set_bbox([35, 2, 20, 5]), "box outside image"),
+      "far_outside": (set_bbox([100, 100, 5, 5]), "box outside image"),
+      "malformed_box": (set_bbox([1, 2, 3]), "malformed box"),
+      "unknown_category": (set_key("category_id", 99), "unknown category id"),
+      "unknown_image": (set_key("image_id", 99), "unknown image id"),
+      "missing_bbox": (drop_key("bbox"), "missing required key"),
+  }[case]
+
+
+BOX_CASES = ["nan", "zero_size", "negative_size", "outside", "far_outside",
+             "malformed_box", "unknown_category", "unknown_image",
+             "missing_bbox"]
+
+
+@pytest.mark.parametrize("case", BOX_CASES)
+def test_coco_bad_box_strict_raises(coco_dir, case):
+  data = coco_data()
+  mutate, reason = _ann_case(case)
+  mutate(data)
+  with pytest.raises(DataError, match=reason) as e:
+    _load_coco(coco_dir, data)
+  msg = str(e.value)
+  assert "instances.json" in msg and "annotation id 10" in msg
+  assert "Fix:" in msg and "strict=False" in msg
+
+
+@pytest.mark.parametrize("case", BOX_CASES)
+def test_coco_bad_box_lenient_skips_only_the_box(coco_dir, case):
+  data = coco_data()
+  mutate, reason = _ann_case(case)
+  mutate(data)
+  counter = SkipCounter()
+  src = _load_coco(coco_dir, data, strict=False, counter=counter)
+  assert src.num_skipped == 1 and src.skipped is counter
+  assert counter.counts() == {f"coco/{reason}": 1}
+  rec = src[0]
+  check_schema(rec)
+  assert rec["box_texts"] == ["person"] and len(src) == 2
+  if case in ("nan", "zero_size", "negative_size", "outside", "far_outside",
+              "malformed_box"):
+    # The car is still in the image: it must not become a negative.
+    assert "car" not in rec["neg_texts"]
+
+
+def _image_case(case):
+  def f(d):
+    im = d["images"][0]
+    if case == "missing_width":
+      del im["width"]
+    elif case == "zero_height":
+      im["height"] = 0
+    elif case == "missing_file_name":
+      del im["file_name"]
+    elif case == "missing_id":
+      del im["id"]
+  return f
+
+
+IMAGE_CASES = {"missing_width": "missing required key",
+               "zero_height": "bad image size",
+               "missing_file_name": "missing required key",
+               "missing_id": "missing required key"}
+
+
+@pytest.mark.parametrize("case", sorted(IMAGE_CASES))
+def test_coco_bad_image_entry_both_modes(coco_dir, case):
+  data = coco_data()
+  _image_case(case)(data)
+  with pytest.raises(DataError, match=IMAGE_CASES[case]) as e:
+    _load_coco(coco_dir, data)
+  assert "image" in e.value.record
+  counter = SkipCounter()
+  src = _load_coco(coco_dir, data, strict=False, counter=counter)
+  assert len(src) == 1 and src[0]["image_id"] == 2
+  if case == "missing_id":  # Its boxes now point at an unknown image.
+    assert counter.total() == 4  # The entry and its 3 annotations.
+  else:  # The image's boxes go with it without extra noise.
+    assert counter.total() == 1 and src.num_skipped == 1
+
+
+def test_malformed_json_names_line_and_column(coco_dir):
+  path = coco_dir / "instances.json"
+  path.write_text('{"images": [\n  {"id": 1,, }\n]}')
+  for strict in (True, False):
+    with pytest.raises(DataError, match="not valid JSON") as e:
+      readers.load_coco_instances(path, coco_dir, strict=strict)
+    assert e.value.record == "line 2 column 12"
+    assert str(path) in str(e.value)
+
+
+def test_missing_file_and_top_level_key(coco_dir):
+  with pytest.raises(DataError, match="missing annotation file"):
+    readers.load_coco_instances(coco_dir / "nope.json", coco_dir)
+  data = coco_data()
+  del data["categories"]
+  with pytest.raises(DataError, match="missing required key: 'categories'"):
+    _load_coco(coco_dir, data, strict=False)
+
+
+# ----------------------------------------------------------------------------
+# LVIS
+# ----------------------------------------------------------------------------
+
+
+def lvis_data():
+  return {
+      "images": [
+          {"id": 5, "coco_url": "http://images.cocodataset.org/train2017/"
+                                "000000000005.jpg", "width": 40, "height": 30,
+           "neg_category_ids": [3], "not_exhaustive_category_ids": [2]},
+          {"id": 6, "coco_url": "http://images.cocodataset.org/val2017/x.jpg",
+           "file_name": "other/6.jpg", "width": 20, "height": 20,
+           "neg_category_ids": [], "not_exhaustive_category_ids": []},
+      ],
+      "categories": [
+          {"id": 1, "name": "hot_dog", "frequency": "c"},
+          {"id": 2, "name": "bow_(weapon)", "frequency": "r"},
+          {"id": 3, "name": "cat", "frequency": "f"},
+      ],
+      "annotations": [
+          {"id": 1, "image_id": 5, "category_id": 1, "bbox": [0, 0, 4, 4]},
+          {"id": 2, "image_id": 5, "category_id": 2, "bbox": [1, 1, 4, 4]},
+          {"id": 3, "image_id": 6, "category_id": 3, "bbox": [2, 2, 4, 4]},
+      ],
+  }
+
+
+def test_lvis_every_field(tmp_path):
+  path = _write_json(tmp_path / "lvis.json", lvis_data())
+  src = readers.load_lvis(path, tmp_path / "coco")
+  assert src.category_names == {1: "hot dog", 2: "bow (weapon)", 3: "cat"}
+  assert src.category_frequency == {1: "c", 2: "r", 3: "f"}
+  rec = src[0]
+  check_schema(rec)
+  assert rec["image_path"] == str(tmp_path / "coco" / "train2017" /
+                                  "000000000005.jpg")
+  assert rec["box_texts"] == ["hot dog", "bow (weapon)"]
+  assert rec["category_ids"].tolist() == [1, 2]
+  assert rec["neg_texts"] == ["cat"]
+  assert rec["not_exhaustive_texts"] == ["bow (weapon)"]
+  np.testing.assert_array_equal(rec["boxes"], [[0, 0, 4, 4], [1, 1, 5, 5]])
+  rec = src[1]
+  check_schema(rec)
+  # An explicit file_name wins over coco_url.
+  assert rec["image_path"] == str(tmp_path / "coco" / "other" / "6.jpg")
+  assert rec["neg_texts"] == [] and rec["not_exhaustive_texts"] == []
+
+
+def test_lvis_bad_negative_list_both_modes(tmp_path):
+  data = lvis_data()
+  data["images"][0]["neg_category_ids"] = [3, 77]
+  path = _write_json(tmp_path / "lvis.json", data)
+  with pytest.raises(DataError, match="unknown category id.*77") as e:
+    readers.load_lvis(path, tmp_path)
+  assert e.value.record == "image id 5"
+  src = readers.load_lvis(path, tmp_path, strict=False)
+  assert len(src) == 1 and src[0]["image_id"] == 6 and src.num_skipped == 1
+
+
+def test_coco_file_given_to_lvis_reader_says_so(coco_dir):
+  path = _write_json(coco_dir / "instances.json", coco_data())
+  with pytest.raises(DataError, match="load_coco_instances"):
+    readers.load_lvis(path, coco_dir)
+
+
+# ----------------------------------------------------------------------------
+# RefCOCO(g): refs pickle + instances.json
+# ----------------------------------------------------------------------------
+
+
+def refcoco_files(tmp_path, refs=None, protocol=2):
+  instances = {
+      "images": [{"id": 100, "file_name": "COCO_train2014_100.jpg",
+                  "width": 40, "height": 30}],
+      "annotations": [
+          {"id": 1000, "image_id": 100, "category_id": 1,
+           "bbox": [2, 3, 10, 12]},
+          {"id": 1001, "image_id": 100, "category_id": 1,
+           "bbox": [20, 3, 10, 12]},
+      ],
+      "categories": [{"id": 1, "name": "person"}],
+  }
+  if refs is None:
+    refs = [
+        {"ref_id": 0, "ann_id": 1000, "image_id": 100, "split": "train",
+         "category_id": 1, "file_name": "COCO_train2014_100_1000.jpg",
+         "sentences": [{"raw": "The man on the left ", "sent": "the man on "
+                        "the left", "sent_id": 0},
+                       {"raw": "left guy", "sent": "left guy", "sent_id": 1}]},
+        {"ref_id": 1, "ann_id": 1001, "image_id": 100, "split": "val",
+         "category_id": 1, "sentences": [{"raw": "right man", "sent_id": 2}]},
+    ]
+  refs_path = tmp_path / "refs(umd).p"
+  with open(refs_path, "wb") as f:
+    pickle.dump(refs, f, protocol=protocol)
+  inst_path = _write_json(tmp_path / "instances.json", instances)
+  return refs_path, inst_path
+
+
+def test_refcoco_every_field(tmp_path):
+  refs_path, inst_path = refcoco_files(tmp_path)
+  src = readers.load_refcoco(refs_path, inst_path, tmp_path / "train2014",
+                             split="train")
+  assert (src.name, src.stream, len(src)) == ("refcocog", "grd", 2)
+  rec = src[0]
+  check_schema(rec)
+  assert rec["image_id"] == 100
+  assert rec["image_path"] == str(tmp_path / "train2014" /
+                                  "COCO_train2014_100.jpg")
+  np.testing.assert_array_equal(rec["boxes"], [[2, 3, 12, 15]])
+  assert rec["caption"] == "The man on the left"
+  assert rec["box_texts"] == ["The man on the left"]
+  assert rec["box_spans"] == [[[0, 19]]]
+  assert rec["category_ids"].tolist() == [-1]
+  assert rec["phrase_ids"].tolist() == [0]
+  assert rec["neg_texts"] == [] and rec["not_exhaustive_texts"] == []
+  assert src[1]["caption"] == "left guy"
+  val = readers.load_refcoco(refs_path, inst_path, tmp_path, split="val")
+  assert len(val) == 1 and val[0]["caption"] == "right man"
+  sent = readers.load_refcoco(refs_path, inst_path, tmp_path, split="train",
+                              text_key="sent")
+  assert sent[0]["caption"] == "the man on the left"
+
+
+def test_refcoco_unknown_split(tmp_path):
+  refs_path, inst_path = refcoco_files(tmp_path)
+  with pytest.raises(ValueError, match=r"\['train', 'val'\]"):
+    readers.load_refcoco(refs_path, inst_path, tmp_path, split="testA")
+
+
+@pytest.mark.parametrize("case", ["unknown_ann", "empty_sentence",
+                                  "non_text_sentence", "box_outside"])
+def test_refcoco_bad_input_both_modes(tmp_path, case):
+  refs_path, inst_path = refcoco_files(tmp_path)
+  with open(refs_path, "rb") as f:
+    refs = pickle.load(f)
+  reason = {"unknown_ann": "unknown annotation id",
+            "empty_sentence": "bad caption", "non_text_sentence": "bad caption",
+            "box_outside": "box outside image"}[case]
+  if case == "unknown_ann":
+    refs[0]["ann_id"] = 5
+  elif case == "empty_sentence":
+    refs[0]["sentences"][1]["raw"] = "   "
+  elif case == "non_text_sentence":
+    refs[0]["sentences"][1]["raw"] = 42
+  else:
+    data = json.loads(open(inst_path).read())
+    data["annotations"][0]["bbox"] = [30, 3, 30, 12]
+    _write_json(inst_path, data)
+  refs_path, _ = refcoco_files(tmp_path, refs) if case != "box_outside" else (
+      refs_path, None)
+  with pytest.raises(DataError, match=reason) as e:
+    readers.load_refcoco(refs_path, inst_path, tmp_path, split="train")
+  assert "ref_id 0" in e.value.record
+  src = readers.load_refcoco(refs_path, inst_path, tmp_path, split="train",
+                             strict=False)
+  assert src.num_skipped == 1
+  if case in ("empty_sentence", "non_text_sentence"):
+    assert [r["caption"] for r in src] == ["The man on the left"]
+  else:  # A bad ref drops all its sentences.
+    assert len(src) == 0
+
+
+def test_refcoco_pickle_with_code_is_refused(tmp_path):
+  _, inst_path = refcoco_files(tmp_path)
+  bad = tmp_path / "evil.p"
+  with open(bad, "wb") as f:
+    pickle.dump([{"split": "train", "x": os.getcwd}], f, protocol=2)
+  with pytest.raises(DataError, match="refusing to load"):
+    readers.load_refcoco(bad, inst_path, tmp_path, split="train")
+
+
+# ----------------------------------------------------------------------------
+# MDETR grounding JSON
+# ----------------------------------------------------------------------------
+
+CAPTION = "a red circle left of two green squares and a tiny star"
+
+
+def mdetr_data():
+  def span(text):
+    s = CAPTION.index(text)
+    return [s, s + len(text)]
+  return {
+      "images": [
+          {"id": 0, "file_name": "0.jpg", "width": 40, "height": 30,
+           "caption": CAPTION, "dataset_name": "flickr", "original_id": 77,
+           "tokens_negative": [[0, 1]]},
+          {"id": 1, "file_name": "1.jpg", "width": 40, "height": 30,
+           "caption": "the dog"},
+      ],
+      "annotations": [
+          {"id": 1, "image_id": 0, "bbox": [1, 1, 5, 5], "category_id": 1,
+           "tokens_positive": [span("red circle")]},
+          {"id": 2, "image_id": 0, "bbox": [10, 1, 5, 5], "category_id": 1,
+           "tokens_positive": [span("two green squares")]},
+          {"id": 3, "image_id": 0, "bbox": [20, 1, 5, 5], "category_id": 1,
+           "tokens_positive": [span("two green squares")]},
+          {"id": 4, "image_id": 0, "bbox": [30, 1, 5, 5], "category_id": 1,
+           "tokens_positive": [span("tiny"), span("star")]},
+          {"id": 5, "image_id": 1, "bbox": [0, 0, 40, 30], "category_id": 1,
+           "tokens_positive": [[4, 7]]},
+      ],
+  }
+
+
+def _load_mdetr(tmp_path, data, **kw):
+  path = _write_json(tmp_path / "final_flickr_train.json", data)
+  return readers.load_mdetr_grounding(path, tmp_path / "flickr", **kw)
+
+
+def test_mdetr_every_field(tmp_path):
+  src = _load_mdetr(tmp_path, mdetr_data(), name="flickr")
+  assert (src.name, src.stream, len(src)) == ("flickr", "grd", 2)
+  rec = src[0]
+  check_schema(rec)
+  assert rec["image_id"] == 0 and rec["caption"] == CAPTION
+  assert rec["image_path"] == str(tmp_path / "flickr" / "0.jpg")
+  assert rec["box_texts"] == ["red circle", "two green squares",
+                              "two green squares", "tiny star"]
+  assert rec["phrase_ids"].tolist() == [0, 1, 1, 2]
+  assert rec["category_ids"].tolist() == [-1] * 4
+  assert rec["box_spans"][3] == [[45, 49], [50, 54]]
+  np.testing.assert_array_equal(rec["boxes"][1], [10, 1, 15, 6])
+  assert rec["neg_texts"] == [] and rec["not_exhaustive_texts"] == []
+  rec = src[1]
+  check_schema(rec)
+  assert rec["box_texts"] == ["dog"] and rec["phrase_ids"].tolist() == [0]
+
+
+def test_mdetr_explicit_phrase_ids_win(tmp_path):
+  data = mdetr_data()
+  for a, pid in zip(data["annotations"][:4], [17, 3, 17, 3]):
+    a["phrase_ids"] = pid
+  rec = _load_mdetr(tmp_path, data)[0]
+  assert rec["phrase_ids"].tolist() == [0, 1, 0, 1]
+
+
+MDETR_CASES = {
+    "span_past_end": ("bad text span", "annotation id 1"),
+    "span_reversed": ("bad text span", "annotation id 1"),
+    "no_span": ("bad text span", "annotation id 1"),
+    "box_outside": ("box outside image", "annotation id 1"),
+    "missing_tokens_positive": ("missing required key", "annotation id 1"),
+    "empty_caption": ("bad caption", "image id 0"),
+    "non_text_caption": ("bad caption", "image id 0"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MDETR_CASES))
+def test_mdetr_bad_input_both_modes(tmp_path, case):
+  data = mdetr_data()
+  a, im = data["annotations"][0], data["images"][0]
+  if case == "span_past_end":
+    a["tokens_positive"] = [[50, 99]]
+  elif case == "span_reversed":
+    a["tokens_positive"] = [[5, 2]]
+  elif case == "no_span":
+    a["tokens_positive"] = []
+  elif case == "box_outside":
+    a["bbox"] = [-20, 1, 5, 5]
+  elif case == "missing_tokens_positive":
+    del a["tokens_positive"]
+  elif case == "empty_caption":
+    im["caption"] = ""
+  else:
+    im["caption"] = ["a", "list"]
+  reason, record = MDETR_CASES[case]
+  with pytest.raises(DataError, match=reason) as e:
+    _load_mdetr(tmp_path, copy.deepcopy(data))
+  assert record in e.value.record and "final_flickr_train.json" in str(e.value)
+  src = _load_mdetr(tmp_path, data, strict=False)
+  assert src.num_skipped == 1
+  if case.endswith("caption"):  # The whole record goes.
+    assert len(src) == 1 and src[0]["image_id"] == 1
+  else:  # Only the box goes.
+    assert src[0]["box_texts"][0] == "two green squares"
+    assert src[0]["phrase_ids"].tolist() == [0, 0, 1]
+
+
+def test_mdetr_skip_empty(tmp_path):
+  data = mdetr_data()
+  data["annotations"] = data["annotations"][:4]
+  assert len(_load_mdetr(tmp_path, data)) == 2
+  src = _load_mdetr(tmp_path, data, skip_empty=True)
+  assert len(src) == 1 and src[0]["image_id"] == 0
+  assert len(src[0]["boxes"]) == 4
+
+
+# ----------------------------------------------------------------------------
+# Captions
+# ----------------------------------------------------------------------------
+
+
+def test_coco_captions_every_field_and_bad_caption(tmp_path):
+  data = {
+      "images": [{"id": 1, "file_name": "a.jpg", "width": 40, "height": 30},
+                 {"id": 2, "file_name": "b.jpg", "width": 20, "height": 10}],
+      "annotations": [{"id": 7, "image_id": 1, "caption": "A dog. "},
+                      {"id": 8, "image_id": 2, "caption": "Two cats"},
+                      {"id": 9, "image_id": 1, "caption": "A brown dog"}],
+  }
+  path = _write_json(tmp_path / "captions.json", data)
+  src = readers.load_coco_captions(path, tmp_path / "img")
+  assert (src.name, src.stream, len(src)) == ("coco_captions", "img", 3)
+  rec = src[2]
+  check_schema(rec)
+  assert rec["caption"] == "A brown dog" and rec["image_id"] == 1
+  assert (rec["width"], rec["height"]) == (40, 30)
+  assert rec["image_path"] == str(tmp_path / "img" / "a.jpg")
+  assert rec["box_texts"] == [] and rec["neg_texts"] == []
+  assert src[0]["caption"] == "A dog."
+  data["annotations"][1]["caption"] = ""
+  path = _write_json(tmp_path / "captions.json", data)
+  with pytest.raises(DataError, match="bad caption") as e:
+    readers.load_coco_captions(path, tmp_path)
+  assert e.value.record == "annotation id 8"
+  src = readers.load_coco_captions(path, tmp_path, strict=False)
+  assert [r["caption"] for r in src] == ["A dog.", "A brown dog"]
+
+
+def test_caption_jsonl_every_field(tmp_path):
+  lines = [
+      json.dumps({"image": "imgs/a.jpg", "caption": "a cat"}),
+      "",
+      json.dumps({"image": "/abs/b.jpg", "caption": "a dog", "image_id": 9,
+                  "width": 64, "height": 48}),
+  ]
+  path = tmp_path / "data" / "caps.jsonl"
+  path.parent.mkdir()
+  path.write_text("\n".join(lines) + "\n")
+  src = readers.load_caption_jsonl(path)
+  assert len(src) == 2
+  rec = src[0]
+  check_schema(rec)
+  assert rec["image_path"] == str(tmp_path / "data" / "imgs" / "a.jpg")
+  assert rec["image_id"] == 1 and (rec["width"], rec["height"]) == (0, 0)
+  assert rec["caption"] == "a cat" and rec["boxes"].shape == (0, 4)
+  rec = src[1]
+  assert rec["image_path"] == "/abs/b.jpg" and rec["image_id"] == 9
+  assert (rec["width"], rec["height"]) == (64, 48)
+  rooted = readers.load_caption_jsonl(path, image_root=tmp_path / "root")
+  assert rooted[0]["image_path"] == str(tmp_path / "root" / "imgs" / "a.jpg")
+
+
+@pytest.mark.parametrize("case,reason", [
+    ("bad_json", "not valid JSON"), ("missing_key", "missing required key"),
+    ("non_text", "bad caption"), ("empty", "bad caption"),
+    ("not_object", "malformed line")])
+def test_caption_jsonl_bad_line_both_modes(tmp_path, case, reason):
+  bad = {"bad_json": '{"image": "a.jpg", "caption": }',
+         "missing_key": '{"image": "a.jpg"}',
+         "non_text": '{"image": "a.jpg", "caption": 123}',
+         "empty": '{"image": "a.jpg", "caption": "  "}',
+         "not_object": '["a.jpg", "cap"]'}[case]
+  path = tmp_path / "caps.jsonl"
+  path.write_text('{"image": "b.jpg", "caption": "ok"}\n' + bad + "\n")
+  with pytest.raises(DataError, match=reason) as e:
+    readers.load_caption_jsonl(path)
+  assert e.value.record.startswith("line 2")
+  if case == "bad_json":
+    assert e.value.record == "line 2 column 31"
+  src = readers.load_caption_jsonl(path, strict=False)
+  assert len(src) == 1 and src[0]["caption"] == "ok" and src.num_skipped == 1
+
+
+def test_caption_csv_every_field_and_bad_rows(tmp_path):
+  path = tmp_path / "caps.csv"
+  path.write_text('path,caption\nimgs/a.jpg,"a cat, sleeping"\n'
+                  'b.jpg,\nc.jpg,a dog\n')
+  with pytest.raises(DataError, match="bad caption") as e:
+    readers.load_caption_csv(path)
+  assert e.value.record == "line 3"
+  counter = SkipCounter()
+  src = readers.load_caption_csv(path, strict=False, counter=counter,
+                                 name="cc")
+  assert len(src) == 2 and counter.counts() == {"cc/bad caption": 1}
+  rec = src[0]
+  check_schema(rec)
+  assert rec["caption"] == "a cat, sleeping" and rec["source"] == "cc"
+  assert rec["image_path"] == str(tmp_path / "imgs" / "a.jpg")
+  assert rec["image_id"] == 2 and src[1]["image_id"] == 4
+
+
+def test_caption_csv_header_required(tmp_path):
+  path = tmp_path / "caps.csv"
+  path.write_text("a.jpg,a cat\n")
+  with pytest.raises(DataError, match="missing required key: column 'path'"):
+    readers.load_caption_csv(path, strict=False)
+  path.write_text("file,text\na.jpg,a cat\n")
+  src = readers.load_caption_csv(path, image_column="file",
+                                 caption_column="text")
+  assert src[0]["caption"] == "a cat"
+
+
+def test_check_boxes_codes():
+  boxes, codes = readers.check_boxes(
+      [[0, 0, 10, 10], [np.inf, 0, 1, 1], [5, 5, 5, 9], [-3, 0, 5, 5],
+       [100.2, 0, 100.8, 5], [-0.5, -0.5, 100.9, 50.9]], 100, 50)
+  assert codes.tolist() == [0, 1, 2, 3, 3, 0]
+  np.testing.assert_array_equal(boxes[5], [0, 0, 100, 50])
