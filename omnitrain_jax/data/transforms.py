@@ -56,6 +56,7 @@ import numpy as np
 from omnitrain_jax.data import errors
 from omnitrain_jax.data import images
 from omnitrain_jax.data import schema
+from omnitrain_jax.vocab import text as text_lib
 
 META = "_meta"
 
@@ -109,8 +110,26 @@ def new_meta(source: str, stream: str, epoch: int, index: int) -> dict:
 
 
 def is_skipped(element: Mapping[str, Any]) -> bool:
+  """Whether `element` is the marker of a bad record (lenient mode)."""
   meta = element.get(META)
   return meta is not None and meta["skip"] is not None
+
+
+def is_padding(element: Mapping[str, Any]) -> bool:
+  """Whether `element` stands for a padding example (eval's last batch)."""
+  meta = element.get(META)
+  return meta is not None and meta.get("pad", False)
+
+
+def padding_record(source: str, stream: str, index: int) -> dict:
+  """A placeholder record that the transforms pass through untouched."""
+  meta = new_meta(source, stream, 0, index)
+  meta["pad"] = True
+  return {META: meta, "stream": stream, "source": source, "image_id": -1}
+
+
+def _passthrough(element: Mapping[str, Any]) -> bool:
+  return is_skipped(element) or is_padding(element)
 
 
 def skip_error(element: Mapping[str, Any]) -> errors.DataError:
@@ -168,7 +187,7 @@ class _ExampleMap(grain.transforms.Map):
   strict: bool = True
 
   def map(self, element):
-    if is_skipped(element):
+    if _passthrough(element):
       return element
     try:
       return self.apply(element)
@@ -187,7 +206,7 @@ class _ExampleRandomMap(grain.transforms.RandomMap):
   strict: bool = True
 
   def random_map(self, element, rng: np.random.Generator):
-    if is_skipped(element):
+    if _passthrough(element):
       return element
     try:
       return self.apply(element, rng)
@@ -252,8 +271,10 @@ class Decode(_ExampleMap):
 class Tokenize(_ExampleMap):
   """Turns a record's texts into token ids (ragged, unpadded).
 
-  * det: each box's category name (``box_texts``), cached per name since a
-    dataset has few names; ``neg_texts`` -> ``neg_tokens`` (minus the
+  * det: each box's category name (``box_texts``), cleaned as the vocabulary
+    builder cleans names (LVIS ``bow_(weapon)`` -> ``bow``; ``Monitor/TV``
+    -> both alternatives' tokens), cached per name since a dataset has few
+    names; ``neg_texts`` -> ``neg_tokens`` (minus the
     image's positive tokens: ``red`` is no negative when a red circle is
     present); ``not_exhaustive_texts`` -> ``no_bg_tokens``.
   * grd: the caption is tokenized once; a box's tokens are those whose spans
@@ -294,10 +315,26 @@ class Tokenize(_ExampleMap):
         self._cache[text] = ids
     return ids
 
-  def _texts_ids(self, texts: Sequence[str]) -> np.ndarray:
-    if not texts:
+  def _name_ids(self, name: str) -> np.ndarray:
+    """Tokens of a category name (all its "/" alternatives), cached."""
+    key = "\0name:" + name
+    ids = self._cache.get(key)
+    if ids is None:
+      variants = text_lib.category_name_variants(name) or [name]
+      ids = _unique(np.concatenate([self._text_ids(v) for v in variants]))
+      if len(self._cache) < self.cache_size:
+        self._cache[key] = ids
+    return ids
+
+  def _names_ids(self, names: Sequence[str]) -> np.ndarray:
+    if not names:
       return _empty_ids()
-    return _unique(np.concatenate([self._text_ids(t) for t in texts]))
+    return _unique(np.concatenate([self._name_ids(t) for t in names]))
+
+  def _caption_ids(self, ex: dict) -> np.ndarray:
+    encoded = self.encoder.encode(ex.get("caption") or "")
+    _count(ex, "unknown_caption_words", len(getattr(encoded, "unknown", ())))
+    return _unique(ids_and_spans(encoded)[0])
 
   def _grounding_box_tokens(self, ex: dict) -> list[np.ndarray]:
     caption = ex.get("caption") or ""
@@ -350,16 +387,14 @@ class Tokenize(_ExampleMap):
             _record_file(ex), _record_name(ex),
             f"detection record has {n} boxes but {len(texts)} box_texts",
             "give each box its category name")
-      box_tokens = [self._text_ids(t) for t in texts]
+      box_tokens = [self._name_ids(t) for t in texts]
       caption_tokens = _empty_ids()
     elif stream == "grd":
       box_tokens = self._grounding_box_tokens(ex)
-      caption_tokens = _unique(ids_and_spans(
-          self.encoder.encode(ex.get("caption") or ""))[0])
+      caption_tokens = self._caption_ids(out)
     elif stream == "img":
       box_tokens = [_empty_ids() for _ in range(n)]
-      caption_tokens = _unique(ids_and_spans(
-          self.encoder.encode(ex.get("caption") or ""))[0])
+      caption_tokens = self._caption_ids(out)
     else:
       raise ValueError(f"Unknown stream {stream!r}; expected one of "
                        f"{schema.STREAMS}.")
@@ -374,13 +409,13 @@ class Tokenize(_ExampleMap):
       phrase_ids = phrase_ids[keep]
       box_tokens = [t for t, k in zip(box_tokens, keep) if k]
     positives = (np.concatenate(box_tokens) if box_tokens else _empty_ids())
-    neg = self._texts_ids(ex.get("neg_texts") or [])
+    neg = self._names_ids(ex.get("neg_texts") or [])
     neg = neg[~np.isin(neg, positives)]
     out["box_tokens"] = box_tokens
     out["phrase_ids"] = phrase_ids
     out["caption_tokens"] = caption_tokens
     out["neg_tokens"] = neg
-    out["no_bg_tokens"] = self._texts_ids(ex.get("not_exhaustive_texts") or [])
+    out["no_bg_tokens"] = self._names_ids(ex.get("not_exhaustive_texts") or [])
     return out
 
 
