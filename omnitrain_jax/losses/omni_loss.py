@@ -1,0 +1,462 @@
+"""One loss for the three data streams (detection, grounding, captions).
+
+`omni_loss(outputs, batch, config)` is a single jittable function. Every term is
+computed with static shapes for *every* example and then masked by the example's
+stream id (`batch["stream"]`: det 0, grd 1, img 2), so one compiled step serves
+any mix of streams, including batches where a stream is absent (its terms are
+then exactly 0).
+
+Targets live in candidate space. Each example scores Q candidate token ids
+(`batch["candidates"]`, 0 = pad); a box's or caption's token ids are mapped onto
+the candidates in-graph (`candidate_targets`), so the model never sees the full
+vocabulary.
+
+The rules (see DESIGN.md section 4):
+
+det (COCO / LVIS / Objects365)
+  Hungarian matching over cost = cost_class * focal class cost (mean over the
+  box's positive tokens of the sigmoid-focal positive-minus-negative cost, as in
+  Deformable DETR / OWL-ViT) + cost_l1 * L1(cxcywh) + cost_giou * (-GIoU).
+  Token loss: sigmoid focal over the candidates. A matched prediction is positive
+  on its box's tokens and negative on ``cand_known & ~positive``; an unmatched
+  prediction is negative on ``cand_bg`` only. The pipeline builds ``cand_known``
+  and ``cand_bg`` (LVIS federated labels: only the image's known negatives;
+  not-exhaustive categories are already absent from ``cand_bg``); the loss
+  trusts them and never adds negatives of its own.
+
+grd (RefCOCOg / Flickr30k Entities)
+  Token alignment uses a **softmax** over tokens, as MDETR's soft token alignment
+  does: a phrase is a set of tokens that should share the prediction's token
+  distribution, and a softmax makes the tokens of different phrases of one image
+  compete, which is exactly the disambiguation signal ("the man on the *left*" vs
+  "the man on the *right*": for the first box `right` is a negative, `man` is
+  not). A sigmoid would let a box be both `left` and `right`.
+  Matching cost = grd_cost_class * cross-entropy of the prediction's softmax
+  against the uniform distribution over the box's tokens + the same box costs.
+  Token loss, matched predictions only: that same cross-entropy. The softmax
+  runs over (``config.grd_softmax``):
+
+  * ``"candidates"`` (default): every valid candidate of the example. These are
+    this phrase's tokens (targets), the tokens of the image's other phrases that
+    are not in this phrase (the disambiguation negatives), and the pipeline's
+    known / sampled negatives. Default because a single-phrase example (RefCOCOg
+    has one expression per example) otherwise has nothing to compete against, so a
+    grounding-only token (`star`) would never be pushed above anything.
+  * ``"phrases"``: only the union of all the example's box tokens, i.e. this
+    phrase's tokens plus exactly the other phrases' tokens. (Boxes of one phrase
+    share tokens, so the union over boxes equals this phrase's tokens plus the
+    other phrases' tokens; `phrase_ids` is therefore not needed.)
+
+  Unmatched grounding predictions get no token loss at all: grounding data is
+  not exhaustive, an unmatched patch may well show an unmentioned object.
+  The softmax is shift-invariant, so it does not calibrate the absolute sigmoid
+  probability used at inference; the det stream's focal loss sets that level and
+  shares the per-box scale/shift with the grd stream.
+
+img (captions)
+  No matching. (a) Image-level softmax cross-entropy of ``image_logits`` over the
+  valid candidates against the uniform distribution over the caption's tokens.
+  (b) A region term that reaches the patches, because the image-level term alone
+  teaches no localization: per candidate token, the per-patch logits are pooled
+  over the N patches (``config.img_region_pool``) and a sigmoid BCE makes the
+  pooled logit positive for caption tokens and (weight
+  ``img_region_neg_weight``) negative for the caption-absent candidates:
+
+  * ``"logsumexp"`` (default): ``tau * logsumexp_n(s_n / tau)``. Without the
+    ``-log N`` of a mean, this is (for small probabilities) the log-odds of a
+    noisy-OR, ``P(token somewhere) = 1 - prod_n (1 - p_n)``: a positive is
+    satisfied once *one* patch is confident (like max), while a negative asks
+    every patch to be low, which is the per-patch sigmoid semantics the det
+    stream also trains. The gradient is spread over the high-scoring patches
+    (softmax weights), not dropped on one arbitrary argmax patch early in
+    training. ``tau -> 0`` is the max.
+  * ``"max"``: the best-scoring patch only (classic multiple-instance learning).
+  * ``"none"``: no region term.
+
+  Captions are not exhaustive on web data, so the negative half can be turned
+  down with ``img_region_neg_weight``.
+
+Box loss (det and grd): L1 on cxcywh plus 1 - GIoU, on matched pairs.
+
+Normalization: every term is divided by the number of its targets over the
+**global batch** (det: det boxes; grd: grd boxes; img image term: img examples
+with at least one caption token among the candidates; img region term: the
+caption tokens and the caption-absent tokens respectively), each clamped to >= 1
+so an absent stream gives 0, not 0/0. Under `jax.jit` on a batch sharded over
+the mesh's data axis, `jnp.sum` over the batch axis is already the global sum
+(XLA inserts the all-reduce), so no `psum` is needed; inside `shard_map` /
+`pmap` the counts would have to be `psum`-ed explicitly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from omnitrain_jax import matching
+from omnitrain_jax.data import schema
+from omnitrain_jax.losses import box_ops
+
+# Masked softmax entries get this logit: finite (no inf - inf = NaN anywhere) but
+# far below any real logit, so exp() underflows to exactly 0.
+_NEG_LOGIT = -1e9
+
+_MATCHERS = ("jax", "scipy")
+_GRD_SOFTMAX = ("candidates", "phrases")
+_REGION_POOLS = ("logsumexp", "max", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """Weights and options of `omni_loss` (frozen, hashable: a static jit arg).
+
+  Defaults follow the DETR family with a focal class loss (Deformable DETR:
+  focal alpha 0.25, gamma 2; class / L1 / GIoU weights 2 / 5 / 2 for both the
+  matching cost and the loss). OWL-ViT (scenic `clip_b32.py`) trains with alpha
+  0.3 and all three weights 1.0. The grounding class cost and token-loss weight
+  are MDETR's (soft token alignment cross-entropy, weight 1).
+
+  Attributes:
+    focal_alpha: weight of positives in the sigmoid focal loss (negatives get
+      1 - alpha).
+    focal_gamma: focusing exponent of the focal loss and cost.
+    cost_class: det matching weight of the focal class cost.
+    grd_cost_class: grd matching weight of the token cross-entropy cost.
+    cost_l1: matching weight of the L1 box distance (det and grd).
+    cost_giou: matching weight of -GIoU (det and grd).
+    det_token_weight: weight of the det sigmoid focal token loss.
+    grd_token_weight: weight of the grd token cross-entropy.
+    l1_weight: weight of the L1 box loss (det and grd).
+    giou_weight: weight of the 1 - GIoU box loss (det and grd).
+    det_weight: overall weight of the det stream's terms.
+    grd_weight: overall weight of the grd stream's terms.
+    img_weight: overall weight of the img stream's terms.
+    img_image_weight: weight of the image-level caption softmax.
+    img_region_weight: weight of the region (patch-pooled) caption term.
+    img_region_pool: "logsumexp" | "max" | "none" (see the module docstring).
+    img_region_temperature: tau of the logsumexp pooling (> 0).
+    img_region_neg_weight: relative weight of the caption-absent negatives in
+      the region term (0 turns them off).
+    grd_softmax: candidates in the grounding softmax: "candidates" | "phrases".
+    matcher: Hungarian solver: "jax" (in-graph, default on accelerators) or
+      "scipy" (host callback).
+  """
+  focal_alpha: float = 0.25
+  focal_gamma: float = 2.0
+  cost_class: float = 2.0
+  grd_cost_class: float = 1.0
+  cost_l1: float = 5.0
+  cost_giou: float = 2.0
+  det_token_weight: float = 2.0
+  grd_token_weight: float = 1.0
+  l1_weight: float = 5.0
+  giou_weight: float = 2.0
+  det_weight: float = 1.0
+  grd_weight: float = 1.0
+  img_weight: float = 1.0
+  img_image_weight: float = 1.0
+  img_region_weight: float = 1.0
+  img_region_pool: str = "logsumexp"
+  img_region_temperature: float = 1.0
+  img_region_neg_weight: float = 1.0
+  grd_softmax: str = "candidates"
+  matcher: str = "jax"
+
+  def __post_init__(self):
+    if self.matcher not in _MATCHERS:
+      raise ValueError(
+          f"LossConfig.matcher={self.matcher!r}; use one of {_MATCHERS}.")
+    if self.grd_softmax not in _GRD_SOFTMAX:
+      raise ValueError(f"LossConfig.grd_softmax={self.grd_softmax!r}; use one "
+                       f"of {_GRD_SOFTMAX}.")
+    if self.img_region_pool not in _REGION_POOLS:
+      raise ValueError(f"LossConfig.img_region_pool={self.img_region_pool!r}; "
+                       f"use one of {_REGION_POOLS}.")
+    if not self.img_region_temperature > 0:
+      raise ValueError(
+          "LossConfig.img_region_temperature must be > 0, got "
+          f"{self.img_region_temperature}; use e.g. 1.0 (smaller is closer to "
+          "max pooling).")
+    if not 0.0 <= self.focal_alpha <= 1.0:
+      raise ValueError(
+          f"LossConfig.focal_alpha={self.focal_alpha} must be in [0, 1].")
+    if self.focal_gamma < 0:
+      raise ValueError(
+          f"LossConfig.focal_gamma={self.focal_gamma} must be >= 0.")
+
+  @classmethod
+  def from_config(cls, config: Mapping[str, Any] | None) -> "LossConfig":
+    """Builds a LossConfig from an `ml_collections.ConfigDict` (or a dict).
+
+    Missing fields keep their defaults; an unknown field raises (a typo in
+    `--config.loss.x` should fail, not be ignored).
+
+    Args:
+      config: the loss section of the experiment config, or None.
+
+    Returns:
+      The LossConfig.
+    """
+    if config is None:
+      return cls()
+    values = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+      raise ValueError(f"Unknown loss config field(s) {unknown}; valid fields "
+                       f"are {sorted(names)}.")
+    return cls(**values)
+
+
+def candidate_targets(tokens: jnp.ndarray,
+                      candidates: jnp.ndarray) -> jnp.ndarray:
+  """Maps token-id sets onto each example's candidate list.
+
+  ``out[b, ..., q] = any_t(tokens[b, ..., t] == candidates[b, q]) and
+  candidates[b, q] > 0``.
+
+  Args:
+    tokens: int ``[B, ..., T]`` token ids, 0 = pad (e.g. `box_tokens` [B, M, T]
+      or `caption_tokens` [B, C]).
+    candidates: int ``[B, Q]`` candidate token ids, 0 = pad.
+
+  Returns:
+    bool ``[B, ..., Q]``.
+  """
+  extra = tokens.ndim - 2  # Axes between B and T.
+  cand = candidates.reshape(
+      (candidates.shape[0],) + (1,) * (extra + 1) + candidates.shape[1:])
+  hit = jnp.any(tokens[..., :, None] == cand, axis=-2)  # [B, ..., Q]
+  valid = (candidates > 0).reshape(
+      (candidates.shape[0],) + (1,) * extra + candidates.shape[1:])
+  return hit & valid
+
+
+def _sigmoid_focal(logits, targets, alpha, gamma):
+  """Elementwise sigmoid focal loss (Lin et al., 2017); targets in {0, 1}."""
+  p = jax.nn.sigmoid(logits)
+  ce = targets * jax.nn.softplus(-logits) + (1 - targets) * jax.nn.softplus(
+      logits)
+  p_t = targets * p + (1 - targets) * (1 - p)
+  alpha_t = targets * alpha + (1 - targets) * (1 - alpha)
+  return alpha_t * (1 - p_t)**gamma * ce
+
+
+def _focal_cost_per_token(logits, alpha, gamma):
+  """Cost of calling each token positive rather than negative: [B, N, Q].
+
+  The Deformable-DETR / OWL-ViT focal matching cost: the focal loss of the
+  token as a positive minus its focal loss as a negative.
+  """
+  p = jax.nn.sigmoid(logits)
+  pos = alpha * (1 - p)**gamma * jax.nn.softplus(-logits)
+  neg = (1 - alpha) * p**gamma * jax.nn.softplus(logits)
+  return pos - neg
+
+
+def _masked_log_softmax(logits, mask):
+  """log_softmax over the last axis restricted to `mask`; 0 where masked."""
+  logp = jax.nn.log_softmax(jnp.where(mask, logits, _NEG_LOGIT), axis=-1)
+  return jnp.where(mask, logp, 0.0)
+
+
+def _normalize_rows(targets):
+  """Uniform distributions over the True entries of each row (0 if none)."""
+  t = targets.astype(jnp.float32)
+  return t / jnp.maximum(t.sum(-1, keepdims=True), 1.0)
+
+
+def _assignment_matrix(row_ind, col_ind, n, m):
+  """[B, K] index pairs (-1 = none) -> 0/1 float assignment matrix [B, N, M]."""
+  rows = jax.nn.one_hot(row_ind, n, dtype=jnp.float32)  # [B, K, N]; -1 -> 0s
+  cols = jax.nn.one_hot(col_ind, m, dtype=jnp.float32)  # [B, K, M]
+  valid = ((row_ind >= 0) & (col_ind >= 0)).astype(jnp.float32)[..., None]
+  return jnp.einsum("bkn,bkm->bnm", rows * valid, cols)
+
+
+def _check_shapes(outputs, batch):
+  b, n, q = outputs["pred_logits"].shape
+  m = batch["boxes"].shape[1]
+  expected = {
+      "outputs['pred_boxes']": (outputs["pred_boxes"].shape, (b, n, 4)),
+      "outputs['image_logits']": (outputs["image_logits"].shape, (b, q)),
+      "batch['candidates']": (batch["candidates"].shape, (b, q)),
+      "batch['cand_known']": (batch["cand_known"].shape, (b, q)),
+      "batch['cand_bg']": (batch["cand_bg"].shape, (b, q)),
+      "batch['box_mask']": (batch["box_mask"].shape, (b, m)),
+      "batch['stream']": (batch["stream"].shape, (b,)),
+  }
+  for name, (got, want) in expected.items():
+    if tuple(got) != want:
+      raise ValueError(
+          f"{name} has shape {tuple(got)}, expected {want} from "
+          f"outputs['pred_logits'] {(b, n, q)} and batch['boxes'] "
+          f"{tuple(batch['boxes'].shape)}. The model must score exactly the "
+          "batch's Q candidates for each of its N predictions.")
+
+
+def omni_loss(outputs: Mapping[str, jnp.ndarray],
+              batch: Mapping[str, jnp.ndarray],
+              config: LossConfig = LossConfig(),
+              ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+  """The OmniTrain loss for a batch mixing det, grd and img examples.
+
+  Args:
+    outputs: model outputs with ``pred_boxes`` [B, N, 4] (cxcywh in [0, 1]),
+      ``pred_logits`` [B, N, Q] (token logits of the example's candidates) and
+      ``image_logits`` [B, Q]. Other keys are ignored.
+    batch: a batch following `omnitrain_jax.data.schema` (candidate fields
+      included). Only the fields the loss needs are read: ``stream``,
+      ``boxes``, ``box_mask``, ``box_tokens``, ``caption_tokens``,
+      ``candidates``, ``cand_known``, ``cand_bg``.
+    config: a `LossConfig` (static under jit).
+
+  Returns:
+    (loss, metrics): the scalar total loss and a dict of scalars: ``loss``,
+    the unweighted terms ``det/token``, ``det/l1``, ``det/giou``,
+    ``grd/token``, ``grd/l1``, ``grd/giou``, ``img/image``, ``img/region``, and
+    the global target counts ``det/num_targets`` (det boxes),
+    ``grd/num_targets`` (grd boxes), ``img/num_targets`` (img examples with
+    caption tokens among their candidates).
+  """
+  _check_shapes(outputs, batch)
+  f32 = jnp.float32
+  # Losses in float32 whatever the model's compute dtype.
+  pred_boxes = outputs["pred_boxes"].astype(f32)  # [B, N, 4]
+  pred_logits = outputs["pred_logits"].astype(f32)  # [B, N, Q]
+  image_logits = outputs["image_logits"].astype(f32)  # [B, Q]
+  _, n, _ = pred_logits.shape
+  m = batch["boxes"].shape[1]
+
+  stream = batch["stream"]  # [B]
+  is_det = stream == schema.STREAM_IDS["det"]
+  is_grd = stream == schema.STREAM_IDS["grd"]
+  is_img = stream == schema.STREAM_IDS["img"]
+  candidates = batch["candidates"]  # [B, Q]
+  cand_valid = candidates > 0  # [B, Q]
+  box_mask = batch["box_mask"].astype(bool)  # [B, M]
+  tgt_boxes = batch["boxes"].astype(f32)  # [B, M, 4]
+
+  # Pad candidates: the model already masks them, but zero them here as well
+  # so a huge or non-finite pad logit can never leak into a value or gradient.
+  logits = jnp.where(cand_valid[:, None, :], pred_logits, 0.0)  # [B, N, Q]
+
+  box_targets = candidate_targets(batch["box_tokens"], candidates)
+  box_targets &= box_mask[..., None]  # [B, M, Q]
+  box_dist = _normalize_rows(box_targets)  # [B, M, Q], uniform over tokens
+
+  # Which candidates compete in the grounding softmax.
+  if config.grd_softmax == "phrases":
+    grd_mask = jnp.any(box_targets, axis=1)  # [B, Q]
+  else:
+    grd_mask = cand_valid  # [B, Q]
+
+  # ---- Matching (det and grd), under stop_gradient. ----
+  sg_logits = jax.lax.stop_gradient(logits)
+  sg_boxes = jax.lax.stop_gradient(pred_boxes)
+  cost_l1 = jnp.abs(sg_boxes[:, :, None, :] - tgt_boxes[:, None, :, :]).sum(-1)
+  cost_giou = -box_ops.pairwise_generalized_box_iou(
+      box_ops.cxcywh_to_xyxy(sg_boxes), box_ops.cxcywh_to_xyxy(tgt_boxes))
+  box_cost = config.cost_l1 * cost_l1 + config.cost_giou * cost_giou  # [B,N,M]
+  det_class_cost = jnp.einsum(
+      "bnq,bmq->bnm",
+      _focal_cost_per_token(sg_logits, config.focal_alpha, config.focal_gamma),
+      box_dist)
+  grd_class_cost = -jnp.einsum(
+      "bnq,bmq->bnm", _masked_log_softmax(sg_logits, grd_mask[:, None, :]),
+      box_dist)
+  class_cost = jnp.where(is_det[:, None, None],
+                         config.cost_class * det_class_cost,
+                         config.grd_cost_class * grd_class_cost)
+  cost = jnp.where(box_mask[:, None, :], class_cost + box_cost, 0.0)
+  # img examples have no columns to match; real boxes come first (schema).
+  num_cols = jnp.where(is_det | is_grd, box_mask.sum(-1), 0).astype(jnp.int32)
+  row_ind, col_ind = matching.linear_sum_assignment(
+      jax.lax.stop_gradient(cost), num_cols, method=config.matcher)
+  assign = _assignment_matrix(row_ind, col_ind, n, m)  # [B, N, M]
+  assign = jax.lax.stop_gradient(assign * box_mask[:, None, :])
+  matched = assign.sum(-1) > 0  # [B, N]
+
+  # ---- Box losses on matched pairs (det and grd). ----
+  matched_box = jnp.einsum("bnm,bmc->bnc", assign, tgt_boxes)  # [B, N, 4]
+  l1 = jnp.abs(pred_boxes - matched_box).sum(-1)  # [B, N]
+  giou = box_ops.elementwise_generalized_box_iou(
+      box_ops.cxcywh_to_xyxy(pred_boxes), box_ops.cxcywh_to_xyxy(matched_box))
+  l1 = jnp.where(matched, l1, 0.0).sum(-1)  # [B]
+  giou_loss = jnp.where(matched, 1.0 - giou, 0.0).sum(-1)  # [B]
+
+  num_boxes = box_mask.sum(-1).astype(f32)  # [B]
+  # Global over the batch axis (see the module docstring on sharding).
+  num_det = jnp.sum(jnp.where(is_det, num_boxes, 0.0))
+  num_grd = jnp.sum(jnp.where(is_grd, num_boxes, 0.0))
+
+  def stream_mean(per_example, mask, count):
+    return jnp.sum(jnp.where(mask, per_example, 0.0)) / jnp.maximum(count, 1.0)
+
+  # ---- det token loss: sigmoid focal over candidates. ----
+  det_pos = jnp.einsum("bnm,bmq->bnq", assign,
+                       box_targets.astype(f32)) > 0  # [B, N, Q]
+  det_weight = jnp.where(matched[..., None],
+                         det_pos | batch["cand_known"].astype(bool)[:, None],
+                         batch["cand_bg"].astype(bool)[:, None])
+  det_weight &= cand_valid[:, None, :]  # [B, N, Q]
+  det_focal = _sigmoid_focal(logits, det_pos.astype(f32), config.focal_alpha,
+                             config.focal_gamma)
+  det_token = jnp.where(det_weight, det_focal, 0.0).sum((1, 2))  # [B]
+
+  # ---- grd token loss: matched predictions only, softmax cross-entropy. ----
+  grd_target = jnp.einsum("bnm,bmq->bnq", assign, box_dist)  # [B, N, Q]
+  grd_logp = _masked_log_softmax(logits, grd_mask[:, None, :])  # [B, N, Q]
+  grd_token = -(grd_target * grd_logp).sum((1, 2))  # [B]; 0 when unmatched
+
+  # ---- img: image-level softmax and patch-pooled region term. ----
+  cap_targets = candidate_targets(batch["caption_tokens"], candidates)  # [B,Q]
+  num_cap = cap_targets.sum(-1)  # [B]
+  has_cap = is_img & (num_cap > 0)  # [B]
+  num_img = jnp.sum(has_cap).astype(f32)
+  img_logp = _masked_log_softmax(image_logits, cand_valid)  # [B, Q]
+  img_image = -(_normalize_rows(cap_targets) * img_logp).sum(-1)  # [B]
+
+  if config.img_region_pool == "none":
+    img_region = jnp.zeros((), f32)
+  else:
+    if config.img_region_pool == "max":
+      pooled = logits.max(axis=1)  # [B, Q]
+    else:
+      tau = config.img_region_temperature
+      pooled = tau * jax.nn.logsumexp(logits / tau, axis=1)  # [B, Q]
+    pos = has_cap[:, None] & cap_targets  # [B, Q]
+    neg = has_cap[:, None] & cand_valid & ~cap_targets  # [B, Q]
+    pos_loss = jnp.where(pos, jax.nn.softplus(-pooled), 0.0).sum()
+    neg_loss = jnp.where(neg, jax.nn.softplus(pooled), 0.0).sum()
+    img_region = (
+        pos_loss / jnp.maximum(pos.sum(), 1.0) + config.img_region_neg_weight *
+        neg_loss / jnp.maximum(neg.sum(), 1.0))
+
+  metrics = {
+      "det/token": stream_mean(det_token, is_det, num_det),
+      "det/l1": stream_mean(l1, is_det, num_det),
+      "det/giou": stream_mean(giou_loss, is_det, num_det),
+      "grd/token": stream_mean(grd_token, is_grd, num_grd),
+      "grd/l1": stream_mean(l1, is_grd, num_grd),
+      "grd/giou": stream_mean(giou_loss, is_grd, num_grd),
+      "img/image": stream_mean(img_image, has_cap, num_img),
+      "img/region": img_region,
+  }
+  loss = (
+      config.det_weight * (config.det_token_weight * metrics["det/token"] +
+                           config.l1_weight * metrics["det/l1"] +
+                           config.giou_weight * metrics["det/giou"]) +
+      config.grd_weight * (config.grd_token_weight * metrics["grd/token"] +
+                           config.l1_weight * metrics["grd/l1"] +
+                           config.giou_weight * metrics["grd/giou"]) +
+      config.img_weight * (config.img_image_weight * metrics["img/image"] +
+                           config.img_region_weight * metrics["img/region"]))
+  metrics["loss"] = loss
+  metrics["det/num_targets"] = num_det
+  metrics["grd/num_targets"] = num_grd
+  metrics["img/num_targets"] = num_img
+  return loss, metrics

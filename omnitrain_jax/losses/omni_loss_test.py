@@ -1,0 +1,408 @@
+"""Tests pinning the semantics of omni_loss on small hand-built batches."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from omnitrain_jax.data import schema
+from omnitrain_jax.losses import omni_loss as omni_loss_lib
+
+SPEC = schema.Spec(image_size=8, max_boxes=4, max_box_tokens=3,
+                   max_caption_tokens=6, max_neg_tokens=4, num_candidates=8)
+N = 6  # Predictions per image.
+Q = SPEC.num_candidates
+
+# Token ids used below (0 is padding).
+MAN, LEFT, RIGHT, RED, CIRCLE, STAR, DOG, CAT, SKY, BLUE = range(10, 20)
+
+# Every test batch has B = 3 (padded with empty examples) and every call goes
+# through one jitted value-and-grad, so each config compiles once per session.
+B = 3
+
+
+def _loss_and_aux(outputs, batch, config):
+  return omni_loss_lib.omni_loss(outputs, batch, config)
+
+
+_value_and_grad = jax.jit(jax.value_and_grad(_loss_and_aux, has_aux=True),
+                          static_argnames="config")
+
+
+def run(outputs, batch, config):
+  """(loss, metrics, d loss / d outputs) of one jitted call."""
+  (loss, metrics), grads = _value_and_grad(outputs, batch, config=config)
+  return loss, metrics, grads
+
+
+CFG = omni_loss_lib.LossConfig()
+# The non-default options in one config (one compile): the phrase-only
+# grounding softmax only changes grd terms, max pooling only img terms.
+ALT = omni_loss_lib.LossConfig(grd_softmax="phrases", img_region_pool="max",
+                               img_region_neg_weight=0.3)
+
+
+def make_example(stream, boxes=(), box_tokens=(), phrase_ids=None,
+                 caption=(), candidates=(), known=(), bg=()):
+  """One example following schema.py, padded to SPEC.
+
+  Args:
+    stream: "det" | "grd" | "img".
+    boxes: cxcywh boxes.
+    box_tokens: one list of token ids per box.
+    phrase_ids: one id per box (default 0..n-1).
+    caption: caption token ids.
+    candidates: candidate token ids (padded with 0 to Q).
+    known: candidate ids in cand_known.
+    bg: candidate ids in cand_bg.
+
+  Returns:
+    dict of numpy arrays, the example and its candidate fields.
+  """
+  ex = schema.empty_example(SPEC, stream)
+  n = len(boxes)
+  ex["boxes"][:n] = np.asarray(boxes, np.float32).reshape(n, 4)
+  ex["box_mask"][:n] = True
+  for i, toks in enumerate(box_tokens):
+    ex["box_tokens"][i, :len(toks)] = toks
+  ex["phrase_ids"][:n] = np.arange(n) if phrase_ids is None else phrase_ids
+  ex["caption_tokens"][:len(caption)] = caption
+  cand = np.zeros(Q, np.int32)
+  cand[:len(candidates)] = candidates
+  ex["candidates"] = cand
+  ex["cand_known"] = np.isin(cand, list(known)) & (cand > 0)
+  ex["cand_bg"] = np.isin(cand, list(bg)) & (cand > 0)
+  return ex
+
+
+def make_batch(*examples):
+  """Stacks examples, padded to B with empty (all-padding) img examples."""
+  examples = list(examples) + [make_example("img")] * (B - len(examples))
+  return {k: np.stack([ex[k] for ex in examples]) for k in examples[0]}
+
+
+def random_outputs(batch, seed=0, scale=2.0):
+  rng = np.random.default_rng(seed)
+  b = batch["stream"].shape[0]
+  cxcy = rng.uniform(0.2, 0.8, (b, N, 2))
+  wh = rng.uniform(0.05, 0.4, (b, N, 2))
+  logits = scale * rng.normal(size=(b, N, Q))
+  image_logits = scale * rng.normal(size=(b, Q))
+  pad = batch["candidates"] == 0
+  # As the model does: pad candidates get a large negative logit.
+  logits = np.where(pad[:, None, :], -1e9, logits)
+  image_logits = np.where(pad, -1e9, image_logits)
+  return {
+      "pred_boxes": np.concatenate([cxcy, wh], -1).astype(np.float32),
+      "pred_logits": logits.astype(np.float32),
+      "image_logits": image_logits.astype(np.float32),
+  }
+
+
+def det_example():
+  return make_example(
+      "det",
+      boxes=[[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.2]],
+      box_tokens=[[DOG], [RED, CIRCLE]],
+      candidates=[DOG, RED, CIRCLE, CAT, SKY, BLUE, STAR],
+      known=[DOG, RED, CIRCLE, CAT, SKY],  # STAR, BLUE: unknown to matched
+      bg=[DOG, RED, CIRCLE, CAT, BLUE])  # SKY: not exhaustive
+
+
+def grd_example():
+  return make_example(
+      "grd",
+      boxes=[[0.25, 0.5, 0.2, 0.4], [0.75, 0.5, 0.2, 0.4]],
+      box_tokens=[[MAN, LEFT], [MAN, RIGHT]],
+      phrase_ids=[0, 1],
+      caption=[MAN, LEFT, MAN, RIGHT],
+      candidates=[MAN, LEFT, RIGHT, DOG, SKY])
+
+
+def img_example():
+  return make_example("img", caption=[RED, STAR, BLUE],
+                      candidates=[RED, STAR, BLUE, DOG, CAT, SKY])
+
+
+def mixed_batch():
+  return make_batch(det_example(), grd_example(), img_example())
+
+
+def perfect_outputs(batch, seed=0):
+  """Random logits; the first k boxes equal the k targets, the rest far."""
+  out = random_outputs(batch, seed)
+  for b in range(batch["stream"].shape[0]):
+    k = int(batch["box_mask"][b].sum())
+    out["pred_boxes"][b, :k] = batch["boxes"][b, :k]
+    # Other predictions are far away (tiny boxes in a corner).
+    out["pred_boxes"][b, k:] = [0.02, 0.02, 0.01, 0.01]
+  return out
+
+
+def test_candidate_targets():
+  cands = jnp.array([[5, 6, 7, 0], [7, 0, 0, 0]])
+  box_tokens = jnp.array([[[5, 7], [0, 0]], [[7, 8], [6, 0]]])  # [2, 2, 2]
+  got = omni_loss_lib.candidate_targets(box_tokens, cands)
+  np.testing.assert_array_equal(
+      got, [[[1, 0, 1, 0], [0, 0, 0, 0]], [[1, 0, 0, 0], [0, 0, 0, 0]]])
+  caption = jnp.array([[6, 0, 0], [0, 0, 0]])
+  np.testing.assert_array_equal(
+      omni_loss_lib.candidate_targets(caption, cands),
+      [[0, 1, 0, 0], [0, 0, 0, 0]])
+
+
+def test_perfect_prediction_has_zero_box_loss():
+  batch = mixed_batch()
+  _, metrics, _ = run(perfect_outputs(batch), batch, CFG)
+  for key in ("det/l1", "det/giou", "grd/l1", "grd/giou"):
+    assert abs(float(metrics[key])) < 1e-5, (key, metrics[key])
+  assert metrics["det/num_targets"] == 2
+  assert metrics["grd/num_targets"] == 2
+  assert metrics["img/num_targets"] == 1
+  # A wrong box is not free.
+  out = perfect_outputs(batch)
+  out["pred_boxes"][0, 0] = [0.5, 0.5, 0.1, 0.1]
+  _, metrics, _ = run(out, batch, CFG)
+  assert metrics["det/l1"] > 0.1 and metrics["det/giou"] > 0.1
+
+
+def test_permuting_predictions_leaves_loss_unchanged():
+  batch = mixed_batch()
+  out = random_outputs(batch, seed=1)
+  perm = np.random.default_rng(0).permutation(N)
+  permuted = {k: v[:, perm] if v.ndim == 3 else v for k, v in out.items()}
+  _, m1, _ = run(out, batch, CFG)
+  _, m2, _ = run(permuted, batch, CFG)
+  for k in m1:
+    np.testing.assert_allclose(m1[k], m2[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_unmatched_grounding_predictions_get_no_token_loss():
+  batch = make_batch(grd_example())
+  out = perfect_outputs(batch)
+  loss, metrics, grads = run(out, batch, CFG)
+  assert metrics["grd/token"] > 0
+  # Predictions 2.. are unmatched (far boxes): their logits do not matter.
+  changed = {k: v.copy() for k, v in out.items()}
+  changed["pred_logits"][0, 2:, :5] = np.random.default_rng(3).normal(
+      0, 10, (N - 2, 5))
+  loss2, _, _ = run(changed, batch, CFG)
+  np.testing.assert_allclose(loss, loss2, rtol=1e-6)
+  assert np.all(grads["pred_logits"][0, 2:] == 0)
+  assert np.any(grads["pred_logits"][0, :2] != 0)
+
+
+def test_grounding_softmax_candidates():
+  batch = make_batch(grd_example())
+  out = perfect_outputs(batch)
+  cand = list(batch["candidates"][0])
+  valid = batch["candidates"][0] > 0
+  # "phrases": only the image's phrase tokens (man, left, right) compete.
+  grads = run(out, batch, ALT)[2]["pred_logits"][0]
+  in_phrases = np.isin(cand, [MAN, LEFT, RIGHT])
+  assert np.all(grads[:2, ~in_phrases] == 0)
+  assert np.all(grads[:2, in_phrases] != 0)
+  # The disambiguation signal: the left box is pushed down on `right`.
+  assert grads[0, cand.index(RIGHT)] > 0
+  assert grads[0, cand.index(LEFT)] < 0
+  # "candidates" (default): every valid candidate competes, pads never.
+  grads = run(out, batch, CFG)[2]["pred_logits"][0]
+  assert np.all(grads[:2, valid] != 0)
+  assert np.all(grads[:, ~valid] == 0)
+  assert grads[0, cand.index(DOG)] > 0
+
+
+def test_grounding_token_loss_by_hand():
+  batch = make_batch(grd_example())
+  out = perfect_outputs(batch)
+  _, metrics, _ = run(out, batch, CFG)
+  logits = out["pred_logits"][0, :2, :5].astype(np.float64)  # 5 valid cands
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  # Box 0 = {man, left} (cands 0, 1), box 1 = {man, right} (cands 0, 2).
+  expected = -(0.5 * (logp[0, 0] + logp[0, 1]) + 0.5 *
+               (logp[1, 0] + logp[1, 2])) / 2
+  np.testing.assert_allclose(metrics["grd/token"], expected, rtol=1e-5)
+
+
+def test_det_negatives_follow_cand_known_and_cand_bg():
+  batch = make_batch(det_example())
+  out = perfect_outputs(batch)
+  grads = run(out, batch, CFG)[2]["pred_logits"][0]  # [N, Q]
+  cand = list(batch["candidates"][0])
+  idx = {t: cand.index(t) for t in (DOG, RED, CIRCLE, CAT, SKY, BLUE, STAR)}
+  # Matched prediction 0 (dog box): positive on dog, negative on known others.
+  assert grads[0, idx[DOG]] < 0
+  for t in (RED, CIRCLE, CAT, SKY):
+    assert grads[0, idx[t]] > 0, t
+  for t in (BLUE, STAR):  # Not in cand_known: no signal for a matched box.
+    assert grads[0, idx[t]] == 0, t
+  # Matched prediction 1 (red circle box): positive on both of its tokens.
+  assert grads[1, idx[RED]] < 0 and grads[1, idx[CIRCLE]] < 0
+  # Unmatched predictions: negative on cand_bg only (not on SKY, STAR).
+  for t in (DOG, RED, CIRCLE, CAT, BLUE):
+    assert np.all(grads[2:, idx[t]] > 0), t
+  for t in (SKY, STAR):
+    assert np.all(grads[2:, idx[t]] == 0), t
+  assert np.all(grads[:, 7] == 0)  # Padding candidate.
+
+
+def test_det_token_loss_by_hand():
+  batch = make_batch(det_example())
+  out = perfect_outputs(batch)
+  _, metrics, _ = run(out, batch, CFG)
+  x = out["pred_logits"][0, :, :7].astype(np.float64)  # [N, 7 valid]
+  p = 1 / (1 + np.exp(-x))
+  a, g = CFG.focal_alpha, CFG.focal_gamma
+  pos_loss = -a * (1 - p)**g * np.log(p)
+  neg_loss = -(1 - a) * p**g * np.log(1 - p)
+  known = batch["cand_known"][0, :7]
+  bg = batch["cand_bg"][0, :7]
+  target = np.zeros((N, 7), bool)
+  target[0, 0] = True  # dog
+  target[1, 1:3] = True  # red, circle
+  weight = np.zeros((N, 7), bool)
+  weight[:2] = known | target[:2]
+  weight[2:] = bg
+  expected = np.where(weight, np.where(target, pos_loss, neg_loss), 0).sum()
+  np.testing.assert_allclose(metrics["det/token"], expected / 2, rtol=1e-5)
+
+
+def _np_log_softmax(x):
+  x = x - x.max()
+  return x - np.log(np.exp(x).sum())
+
+
+def _np_softplus(v):
+  return np.logaddexp(0.0, v)
+
+
+def test_img_loss_equals_numpy_cross_entropy():
+  batch = make_batch(img_example())
+  out = random_outputs(batch, seed=4)
+  loss, metrics, _ = run(out, batch, CFG)
+  logp = _np_log_softmax(out["image_logits"][0, :6].astype(np.float64))
+  expected = -logp[:3].mean()  # Caption {red, star, blue} = candidates 0..2.
+  np.testing.assert_allclose(metrics["img/image"], expected, rtol=1e-5)
+  # Default region term: tau * logsumexp over patches, tau = 1.
+  s = out["pred_logits"][0, :, :6].astype(np.float64)  # [N, 6 valid]
+  pooled = np.log(np.exp(s).sum(0))
+  region = _np_softplus(-pooled[:3]).mean() + _np_softplus(pooled[3:]).mean()
+  np.testing.assert_allclose(metrics["img/region"], region, rtol=1e-5)
+  np.testing.assert_allclose(loss, expected + region, rtol=1e-5)
+
+
+def test_img_region_max_pooling_by_hand():
+  batch = make_batch(img_example())
+  out = random_outputs(batch, seed=5)
+  _, metrics, grads = run(out, batch, ALT)
+  s = out["pred_logits"][0, :, :6].astype(np.float64)  # [N, 6 valid]
+  pooled = s.max(0)
+  expected = (_np_softplus(-pooled[:3]).mean() +
+              0.3 * _np_softplus(pooled[3:]).mean())
+  np.testing.assert_allclose(metrics["img/region"], expected, rtol=1e-5)
+  # The term reaches the patches: only the best patch per token moves.
+  g = grads["pred_logits"][0, :, :6]
+  best = s.argmax(0)
+  assert np.all(g[best[:3], np.arange(3)] < 0)  # Caption tokens pulled up.
+  assert np.all(g[best[3:], np.arange(3, 6)] > 0)  # Absent tokens pushed down.
+  assert np.count_nonzero(g) == 6
+
+
+def mixed_batch_example(i):
+  return (det_example, grd_example, img_example)[i]()
+
+
+def test_streams_do_not_interact():
+  mixed = mixed_batch()
+  out = random_outputs(mixed, seed=6)
+  _, m_mixed, _ = run(out, mixed, CFG)
+  for i, stream in enumerate(schema.STREAMS):
+    # The same example alone (other slots padding) gives the same terms;
+    # absent streams give exactly 0.
+    alone = make_batch(*[mixed_batch_example(i) if j == i else
+                         make_example(schema.STREAMS[j]) for j in range(B)])
+    _, m_alone, _ = run(out, alone, CFG)
+    for k in m_mixed:
+      if k.startswith(stream + "/"):
+        np.testing.assert_allclose(m_alone[k], m_mixed[k], rtol=1e-5,
+                                   err_msg=k)
+      elif k != "loss":
+        assert m_alone[k] == 0, (stream, k, m_alone[k])
+
+
+def test_changing_one_stream_leaves_others_unchanged():
+  batch = mixed_batch()
+  out = random_outputs(batch, seed=7)
+  _, m1, _ = run(out, batch, CFG)
+  changed = {k: v.copy() for k, v in out.items()}
+  changed["pred_logits"][2, :, :6] += 3.0  # The img example's predictions.
+  changed["pred_boxes"][2] = 0.5
+  changed["image_logits"][2, :6] *= -1
+  _, m2, _ = run(changed, batch, CFG)
+  for k in m1:
+    if k.startswith(("det/", "grd/")):
+      np.testing.assert_allclose(m1[k], m2[k], rtol=1e-6, err_msg=k)
+  assert m1["img/image"] != m2["img/image"]
+
+
+def test_finite_gradients_with_empty_targets_and_padding_candidates():
+  empty = make_batch(make_example("det"), make_example("grd"),
+                     make_example("img"))
+  out = random_outputs(empty, seed=8)  # All candidates pad: logits all -1e9.
+  loss, metrics, grads = run(out, empty, CFG)
+  assert loss == 0
+  assert all(np.isfinite(v) for v in metrics.values())
+  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+  # Boxes and captions but no candidates at all; pad logits even -inf and
+  # zero-size predicted boxes.
+  boxes_only = make_batch(
+      make_example("det", boxes=[[0.5, 0.5, 0.2, 0.2]], box_tokens=[[DOG]]),
+      make_example("grd", boxes=[[0.5, 0.5, 0.2, 0.2]], box_tokens=[[DOG]]),
+      make_example("img", caption=[DOG]))
+  out = random_outputs(boxes_only, seed=9)
+  out["pred_logits"][:] = -np.inf
+  out["image_logits"][:] = -np.inf
+  out["pred_boxes"][:, :, 2:] = 0.0
+  loss, metrics, grads = run(out, boxes_only, CFG)
+  assert np.isfinite(loss) and loss > 0  # The box terms remain.
+  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+
+
+def test_jax_and_scipy_matchers_give_the_same_loss():
+  # Every test runs the loss under jit; this one also checks the host-callback
+  # matcher against the in-graph one, on random (tie-free) costs.
+  batch = mixed_batch()
+  out = random_outputs(batch, seed=10)
+  jax_loss, m_jax, g_jax = run(out, batch, CFG)
+  scipy_loss, m_scipy, g_scipy = run(
+      out, batch, dataclasses.replace(CFG, matcher="scipy"))
+  for k in m_jax:
+    np.testing.assert_allclose(m_jax[k], m_scipy[k], rtol=1e-6, err_msg=k)
+  np.testing.assert_allclose(jax_loss, scipy_loss, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g_jax), jax.tree.leaves(g_scipy)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_config_from_config_dict_and_errors():
+  cfg = omni_loss_lib.LossConfig.from_config(ml_collections.ConfigDict(
+      {"focal_alpha": 0.3, "matcher": "scipy"}))
+  assert cfg.focal_alpha == 0.3 and cfg.matcher == "scipy"
+  assert cfg.cost_l1 == 5.0
+  assert omni_loss_lib.LossConfig.from_config(None) == CFG
+  with pytest.raises(ValueError, match="focal_alpah"):
+    omni_loss_lib.LossConfig.from_config({"focal_alpah": 0.3})
+  with pytest.raises(ValueError, match="matcher"):
+    omni_loss_lib.LossConfig(matcher="hungarian")
+  with pytest.raises(ValueError, match="img_region_pool"):
+    omni_loss_lib.LossConfig(img_region_pool="mean")
+
+
+def test_shape_mismatch_raises():
+  batch = make_batch(det_example())
+  out = random_outputs(batch)
+  out["pred_logits"] = out["pred_logits"][:, :, :5]
+  with pytest.raises(ValueError, match="candidates"):
+    omni_loss_lib.omni_loss(out, batch, CFG)
