@@ -299,13 +299,17 @@ class Checkpointer:
     A step still being written (async) or left unfinished by a killed process is
     skipped: it has a tmp name (rename mode) or no commit marker.
     """
-    for step in sorted(self._manager.all_steps(), reverse=True):
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    saving = bool(steps) and self._manager.is_saving_in_progress()
+    in_flight = steps[0] if saving else None
+    for step in steps:
       if self._is_committed(step):
         return step
-      logging.warning(
-          'Skipping checkpoint %s: no %s (unfinished save or partial copy). '
-          'Delete the directory if it is not being written.',
-          self._step_dir(step), COMMIT_MARKER)
+      if step != in_flight and jax.process_index() == 0:
+        logging.warning(
+            'Skipping checkpoint %s: no %s (unfinished save or partial copy). '
+            'Delete the directory if no process is writing it.',
+            self._step_dir(step), COMMIT_MARKER)
     return None
 
   def maybe_save(self,
@@ -349,7 +353,7 @@ class Checkpointer:
       items[DATA_ITER] = grain.checkpoint.CheckpointSave(data_iter)
     saved = self._manager.save(step, args=ocp.args.Composite(**items),
                                force=force)
-    if saved:
+    if saved and jax.process_index() == 0:
       logging.info('Saving checkpoint for step %d to %s.', step,
                    self._step_dir(step))
     return saved
@@ -398,7 +402,8 @@ class Checkpointer:
             'restore only the state and start the data from the beginning.')
       items[DATA_ITER] = grain.checkpoint.CheckpointRestore(data_iter)
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-    logging.info('Restored checkpoint %s.', self._step_dir(step))
+    if jax.process_index() == 0:
+      logging.info('Restored checkpoint %s.', self._step_dir(step))
     return restored[STATE], dict(restored[META] or {})
 
   def wait(self) -> None:
@@ -505,7 +510,8 @@ def restore_params_from(init_from: epath.PathLike,
   finally:
     manager.close()
   path = str(directory / str(step))
-  logging.info('Initialized %s from %s.', list(keys), path)
+  if jax.process_index() == 0:
+    logging.info('Initialized %s from %s.', list(keys), path)
   return Restored(source='init_from', step=0, state=dict(restored[STATE]),
                   meta=dict(restored[META] or {}), path=path)
 
@@ -535,14 +541,21 @@ def restore_or_init(checkpointer: Checkpointer,
     A `Restored`, or None when the caller should initialize from scratch.
   """
   step = checkpointer.latest_step()
+  if jax.process_count() > 1:
+    # Every process lists the directory itself; take process 0's answer so an
+    # inconsistent listing cannot send processes to different steps.
+    step = int(multihost_utils.broadcast_one_to_all(
+        np.int64(-1 if step is None else step)))
+    step = None if step < 0 else step
   if step is not None:
     state, meta = checkpointer.restore(step, abstract_state, data_iter)
     return Restored(source='workdir', step=step, state=state, meta=meta,
                     path=str(checkpointer.directory / str(step)))
   if init_from:
     return restore_params_from(init_from, abstract_state, init_from_keys)
-  logging.info('No checkpoint in %s and no init_from: starting from scratch.',
-               checkpointer.directory)
+  if jax.process_index() == 0:
+    logging.info('No checkpoint in %s and no init_from: starting from scratch.',
+                 checkpointer.directory)
   return None
 
 

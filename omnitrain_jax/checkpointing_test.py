@@ -98,6 +98,16 @@ def test_cadence_keep_n_force_and_no_double_save(tmp_path):
                 if p.name.isdigit()) == ['6', '7']
 
 
+def test_keep_every_steps_survives_max_to_keep(tmp_path):
+  state = {'w': jnp.zeros(2)}
+  with checkpointing.Checkpointer(tmp_path, save_every_steps=2, max_to_keep=1,
+                                  keep_every_steps=4) as ckpt:
+    for step in range(1, 11):
+      ckpt.maybe_save(step, state)
+    ckpt.wait()
+    assert ckpt.all_steps() == [4, 8, 10]
+
+
 def test_restore_without_iterator_item_asks_for_data_iter_none(tmp_path):
   state = _state()
   with checkpointing.Checkpointer(tmp_path, save_every_steps=1) as ckpt:
@@ -435,3 +445,45 @@ def test_two_processes_stop_together_save_and_restore_resharded(tmp_path):
       p.name for p in (tmp_path / 'checkpoints' / str(results[0]['stopped_at'])
                        / 'data_iter').iterdir() if p.suffix == '.json')
   assert data_files == ['process_0-of-2.json', 'process_1-of-2.json']
+
+
+_ALL_GATHER_CHILD = """
+import json, os, signal, sys
+import jax
+jax.config.update('jax_num_cpu_devices', 1)
+jax.config.update('jax_enable_preemption_service', False)
+process_id, port = int(sys.argv[1]), sys.argv[2]
+jax.distributed.initialize(f'127.0.0.1:{port}', num_processes=2,
+                           process_id=process_id)
+from omnitrain_jax import checkpointing
+guard = checkpointing.PreemptionGuard()
+for step in range(1, 101):
+  if process_id == 1 and step == 3:
+    os.kill(os.getpid(), signal.SIGTERM)
+  if guard.should_stop(step):
+    break
+print(json.dumps({'stopped_at': step}), flush=True)
+"""
+
+
+def test_two_processes_without_preemption_service_agree_by_all_gather():
+  port = _free_port()
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  procs = [
+      subprocess.Popen(
+          [sys.executable, '-c', textwrap.dedent(_ALL_GATHER_CHILD), str(i),
+           str(port)],
+          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)
+  ]
+  try:
+    outputs = [proc.communicate(timeout=_SUBPROCESS_TIMEOUT_S)
+               for proc in procs]
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+  for proc, (_, stderr) in zip(procs, outputs):
+    assert proc.returncode == 0, stderr[-3000:]
+  # Process 0 never got a signal; it stops because process 1 did.
+  assert [_last_json(out)['stopped_at'] for out, _ in outputs] == [3, 3]

@@ -282,7 +282,10 @@ class JsonlWriter(MetricWriter):
                      self._path.read_text().splitlines(keepends=True))
       self._file = None
     else:
-      self._file = open(os.fspath(self._path), 'a', encoding='utf-8')
+      # Line-buffered: every record reaches the file at once, so a killed
+      # run loses nothing that `truncate_jsonl` would later have to reconcile.
+      self._file = open(os.fspath(self._path), 'a', encoding='utf-8',
+                        buffering=1)
 
   @property
   def path(self) -> epath.Path:

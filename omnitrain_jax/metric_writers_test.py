@@ -90,6 +90,12 @@ def test_jsonl_round_trip_and_resume_truncation(tmp_path):
                         'learning_rate': 0.5}
   assert math.isnan(records[5]['loss'])
 
+  # Lines reach the file without an explicit flush (a killed run keeps them).
+  writer = metric_writers.JsonlWriter(tmp_path)
+  writer.write_scalars(6, {'loss': 0.1})
+  assert metric_writers.read_jsonl(path)[-1] == {'step': 6, 'loss': 0.1}
+  writer.close()
+
   # The run crashed mid-write at step 7 and resumes from a step-3 checkpoint.
   with path.open('a') as f:
     f.write('{"step": 7, "lo')
