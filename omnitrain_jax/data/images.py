@@ -163,27 +163,28 @@ def apply_orientation(image: np.ndarray, orientation: int) -> np.ndarray:
   Returns:
     The image as it is meant to be displayed.
   """
+  # cv2 does these in one cache-friendly pass (a numpy view + copy of a
+  # rotated 640x480 image costs several ms).
+  image = np.ascontiguousarray(image)
   if orientation == 2:
-    out = image[:, ::-1]
-  elif orientation == 3:
-    out = image[::-1, ::-1]
-  elif orientation == 4:
-    out = image[::-1]
-  elif orientation == 5:
-    out = image.transpose(1, 0, 2)
-  elif orientation == 6:
-    out = np.rot90(image, -1)  # 90 degrees clockwise.
-  elif orientation == 7:
-    out = image[::-1, ::-1].transpose(1, 0, 2)
-  elif orientation == 8:
-    out = np.rot90(image, 1)  # 90 degrees counter-clockwise.
-  else:
-    return image
-  return np.ascontiguousarray(out)
+    return cv2.flip(image, 1)
+  if orientation == 3:
+    return cv2.rotate(image, cv2.ROTATE_180)
+  if orientation == 4:
+    return cv2.flip(image, 0)
+  if orientation == 5:
+    return cv2.transpose(image)
+  if orientation == 6:
+    return cv2.rotate(image, cv2.ROTATE_90_CLOCKWISE)
+  if orientation == 7:
+    return cv2.transpose(cv2.rotate(image, cv2.ROTATE_180))
+  if orientation == 8:
+    return cv2.rotate(image, cv2.ROTATE_90_COUNTERCLOCKWISE)
+  return image
 
 
 def image_size(data: bytes) -> tuple[int, int]:
-  """(height, width) of an encoded image as stored (before EXIF), from its header.
+  """(height, width) of an encoded image as stored (before EXIF).
 
   Reads only the header (JPEG: simplejpeg; PNG: the IHDR chunk; others: PIL's
   lazy open), so it costs microseconds.
@@ -219,8 +220,9 @@ def _pil_decode(data: bytes) -> np.ndarray:
     return np.asarray(im.convert("RGB"))
 
 
-def _decode_raw(data: bytes, record: Mapping[str, Any]) -> tuple[np.ndarray, int]:
-  """Decodes to [H, W, 3] uint8 RGB as stored; also returns the EXIF orientation."""
+def _decode_raw(data: bytes, record: Mapping[str, Any]
+                ) -> tuple[np.ndarray, int]:
+  """Decodes to uint8 RGB [H, W, 3] as stored, and the EXIF orientation."""
   file, rec = _describe(record)
   fix = ("re-download or re-extract the file (a partial copy is the usual "
          "cause), or set strict=False to skip such records")
