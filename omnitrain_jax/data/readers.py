@@ -1376,14 +1376,3 @@ def load_caption_csv(csv_path: str | os.PathLike, *,
                         problems=problems)
 
 
-
-# Config format name -> reader (see each reader for its arguments).
-READERS: dict[str, Callable[..., RecordSource]] = {
-    "coco": load_coco_instances,
-    "lvis": load_lvis,
-    "refcoco": load_refcoco,
-    "mdetr": load_mdetr_grounding,
-    "coco_captions": load_coco_captions,
-    "caption_jsonl": load_caption_jsonl,
-    "caption_csv": load_caption_csv,
-}
