@@ -27,8 +27,20 @@ def _inputs(batch=2, size=64, seed=0):
 def _tiny(**overrides):
   model = omnidet.OmniDet(**{**TINY, **overrides})
   images, candidates = _inputs()
-  variables = model.init(jax.random.key(0), images, candidates, train=False)
+  init = jax.jit(functools.partial(model.init, train=False))
+  variables = init(jax.random.key(0), images, candidates)
   return model, nn.unbox(variables)
+
+
+def _forward(model, variables, images, candidates, train=False, rngs=None):
+  fn = jax.jit(functools.partial(model.apply, train=train))
+  return fn(variables, images, candidates, rngs=rngs)
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny_out():
+  model, variables = _tiny()
+  return _forward(model, variables, *_inputs())
 
 
 def _vit_backbone_params(width, depth, mlp, patch, grid):
@@ -46,8 +58,7 @@ def _vit_backbone_params(width, depth, mlp, patch, grid):
 def test_forward_shapes_masks_and_ranges():
   model, variables = _tiny()
   images, candidates = _inputs()
-  out = jax.jit(functools.partial(model.apply, train=False))(
-      variables, images, candidates)
+  out = _tiny_out()
   b, q, n, d = 2, candidates.shape[1], 16, 32
   assert model.num_patches == n and model.grid == 4
   expected = {
@@ -81,9 +92,8 @@ def test_forward_shapes_masks_and_ranges():
 def test_initial_boxes_are_the_patch_prior():
   # The box head's last layer is zero at init, so boxes equal the prior; this
   # also pins the patch order (row-major: n = row * grid + col).
-  model, variables = _tiny()
-  images, candidates = _inputs()
-  out = model.apply(variables, images, candidates, train=False)
+  model, _ = _tiny()
+  out = _tiny_out()
   g = model.grid
   n = np.arange(g * g)
   expected = np.stack([(n % g + 0.5) / g, (n // g + 0.5) / g,
@@ -96,8 +106,10 @@ def test_initial_boxes_are_the_patch_prior():
 def test_logits_equal_token_logits_on_gathered_rows():
   model, variables = _tiny()
   images, candidates = _inputs()
-  out = model.apply(variables, images, candidates, train=False)
-  enc = model.apply(variables, images, train=False, method=omnidet.OmniDet.encode)
+  out = _tiny_out()
+  enc = jax.jit(functools.partial(
+      model.apply, train=False, method=omnidet.OmniDet.encode))(
+          variables, images)
   for k, v in enc.items():
     np.testing.assert_allclose(v, out[k], rtol=1e-6, atol=1e-6, err_msg=k)
   table = variables["params"]["token_embedding"]
@@ -126,8 +138,8 @@ def test_permuting_candidates_permutes_logits():
   model, variables = _tiny()
   images, candidates = _inputs()
   perm = np.array([3, 0, 4, 1, 2])
-  out = model.apply(variables, images, candidates, train=False)
-  out_p = model.apply(variables, images, candidates[:, perm], train=False)
+  out = _tiny_out()
+  out_p = _forward(model, variables, images, candidates[:, perm])
   np.testing.assert_allclose(out_p["pred_logits"], out["pred_logits"][..., perm],
                              rtol=1e-6)
   np.testing.assert_allclose(out_p["image_logits"],
@@ -139,8 +151,8 @@ def test_bfloat16_forward_is_close_to_float32():
   model, variables = _tiny()
   images, candidates = _inputs()
   model_bf16 = omnidet.OmniDet(**TINY, dtype=jnp.bfloat16)
-  out32 = model.apply(variables, images, candidates, train=False)
-  out16 = model_bf16.apply(variables, images, candidates, train=False)
+  out32 = _tiny_out()
+  out16 = _forward(model_bf16, variables, images, candidates)
   for k in ("pred_boxes", "pred_logits", "image_logits"):
     assert out16[k].dtype == jnp.float32
     assert np.all(np.isfinite(out16[k]))
@@ -158,10 +170,12 @@ def test_remat_gradients_equal_plain_gradients():
     return (jnp.sum(jnp.where(mask, jax.nn.sigmoid(out["pred_logits"]), 0.0))
             + jnp.sum(out["pred_boxes"] ** 2))
 
-  plain = jax.grad(functools.partial(loss, model))(variables["params"])
-  for policy in ("nothing_saveable", "dots_saveable"):
+  plain = jax.jit(jax.grad(functools.partial(loss, model)))(
+      variables["params"])
+  for policy in ("nothing_saveable", "dots_with_no_batch_dims_saveable"):
     remat = omnidet.OmniDet(**TINY, remat=True, remat_policy=policy)
-    grads = jax.grad(functools.partial(loss, remat))(variables["params"])
+    grads = jax.jit(jax.grad(functools.partial(loss, remat)))(
+        variables["params"])
     jax.tree_util.tree_map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
         grads, plain)
@@ -178,11 +192,11 @@ def test_dropout_and_droppath_need_rng_only_in_train():
   model = omnidet.OmniDet(**TINY, dropout=0.1, droppath=0.2)
   _, variables = _tiny()
   images, candidates = _inputs()
-  eval_out = model.apply(variables, images, candidates, train=False)
-  ref = _tiny()[0].apply(variables, images, candidates, train=False)
-  np.testing.assert_allclose(eval_out["pred_logits"], ref["pred_logits"])
-  train_out = model.apply(variables, images, candidates, train=True,
-                          rngs={"dropout": jax.random.key(1)})
+  eval_out = _forward(model, variables, images, candidates)
+  np.testing.assert_allclose(eval_out["pred_logits"],
+                             _tiny_out()["pred_logits"])
+  train_out = _forward(model, variables, images, candidates, train=True,
+                       rngs={"dropout": jax.random.key(1)})
   assert not np.allclose(train_out["pred_logits"], eval_out["pred_logits"])
 
 
