@@ -106,12 +106,9 @@ def sampling_probs(counts: np.ndarray | None, vocab_size: int, *,
   return p / p.sum()
 
 
-def _unique_keep_order(ids: np.ndarray) -> np.ndarray:
-  ids = ids[ids > schema.UNK_ID]
-  if ids.size <= 1:
-    return ids
-  _, first = np.unique(ids, return_index=True)
-  return ids[np.sort(first)]
+def _unique_list(ids: list[int]) -> list[int]:
+  """Unique ids above the reserved ones, in order of first occurrence."""
+  return [t for t in dict.fromkeys(ids) if t > schema.UNK_ID]
 
 
 class Candidates(grain.transforms.RandomMap):
@@ -153,35 +150,34 @@ class Candidates(grain.transforms.RandomMap):
     return state
 
   def _vocab_negatives(self, rng: np.random.Generator, need: int,
-                       exclude: np.ndarray) -> np.ndarray:
-    """Up to `need` distinct ids by `probs`, none in `exclude`."""
+                       exclude: set[int]) -> list[int]:
+    """Up to `need` distinct ids drawn by `probs`, none in `exclude`."""
+    probs = self.probs
+    avail = self.num_drawable - sum(1 for t in exclude if probs[t] > 0)
+    need = min(need, avail)
     if need <= 0:
-      return np.zeros((0,), np.int32)
-    got = np.zeros((0,), np.int64)
-    # Rejection sampling by inverse CDF: O(need log V), independent of V,
-    # while the vocabulary is much larger than Q (the normal case).
-    for _ in range(4):
-      draw = np.searchsorted(self.cdf, rng.random(2 * need + 8), side="right")
-      draw = np.minimum(draw, len(self.cdf) - 1)
-      draw = np.concatenate([got, draw])
-      _, first = np.unique(draw, return_index=True)
-      draw = draw[np.sort(first)]
-      draw = draw[~np.isin(draw, exclude)]
-      got = draw[:need]
-      if got.size == need:
-        return got.astype(np.int32)
-    # A small vocabulary (or heavy exclusion): exact weighted sampling without
-    # replacement over what is left (Gumbel top-k), O(V).
-    p = self.probs.copy()
-    p[exclude[exclude < len(p)]] = 0
-    p[got] = 0
+      return []
+    got: list[int] = []
+    if 4 * need < avail:
+      # Rejection sampling by inverse CDF: O(need log V), independent of V,
+      # while few of the drawable ids are wanted (the normal case).
+      taken = set(exclude)
+      for _ in range(4):
+        draw = np.searchsorted(self.cdf, rng.random(2 * need + 8),
+                               side="right")
+        for t in draw.tolist():
+          if t not in taken and probs[t] > 0:
+            taken.add(t)
+            got.append(t)
+            if len(got) == need:
+              return got
+    # Most of what is left is wanted (small vocabularies): exact weighted
+    # sampling without replacement (Gumbel top-k) over the rest, O(V).
+    p = probs.copy()
+    p[list(exclude.union(got))] = 0
     left = np.flatnonzero(p > 0)
-    rest = need - got.size
-    if left.size:
-      keys = np.log(p[left]) + rng.gumbel(size=left.size)
-      order = left[np.argsort(-keys)][:rest]
-      got = np.concatenate([got, order])
-    return got.astype(np.int32)
+    keys = np.log(p[left]) + rng.gumbel(size=left.size)
+    return got + left[np.argsort(-keys)][:need - len(got)].tolist()
 
   def random_map(self, batch: dict[str, np.ndarray],
                  rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -190,12 +186,14 @@ class Candidates(grain.transforms.RandomMap):
     b_size = box_tokens.shape[0]
     box_mask = batch["box_mask"]  # [B, M]
     streams = batch["stream"]  # [B]
+    # Per-example work on Python lists and sets: Q is small (tens to a few
+    # hundred), where np.isin/np.unique cost more than they save.
     positives = []
     for b in range(b_size):
-      pos = np.concatenate([box_tokens[b][box_mask[b]].reshape(-1),
-                            batch["caption_tokens"][b]])
-      positives.append(_unique_keep_order(pos))
-    pool = _unique_keep_order(np.concatenate(positives + [np.zeros(0, np.int32)]))
+      pos = box_tokens[b][box_mask[b]].reshape(-1).tolist()
+      pos += batch["caption_tokens"][b].tolist()
+      positives.append(_unique_list(pos))
+    pool = _unique_list([t for pos in positives for t in pos])
 
     cands = np.zeros((b_size, q), np.int32)
     known = np.zeros((b_size, q), bool)
@@ -203,48 +201,50 @@ class Candidates(grain.transforms.RandomMap):
     dropped = collections.Counter()
     for b in range(b_size):
       pos = positives[b]
-      if pos.size > q:
+      if len(pos) > q:
         if self.overflow == "error":
           raise ValueError(
               f"Example {b} of the batch (stream "
               f"{schema.STREAMS[int(streams[b])]}, image_id "
-              f"{int(batch['image_id'][b])}) has {pos.size} positive tokens "
+              f"{int(batch['image_id'][b])}) has {len(pos)} positive tokens "
               f"but num_candidates={q}; raise num_candidates (or lower "
               "max_boxes/max_box_tokens/max_caption_tokens), or set "
               "candidates overflow='count'.")
-        dropped["positives_dropped"] += pos.size - q
+        dropped["positives_dropped"] += len(pos) - q
         pos = pos[:q]
-      neg = _unique_keep_order(batch["neg_tokens"][b])
-      neg = neg[~np.isin(neg, pos)]
-      room = q - pos.size
-      if neg.size > room:
-        dropped["known_negatives_dropped"] += neg.size - room
+      used = set(pos)
+      neg = [t for t in _unique_list(batch["neg_tokens"][b].tolist())
+             if t not in used]
+      room = q - len(pos)
+      if len(neg) > room:
+        dropped["known_negatives_dropped"] += len(neg) - room
         neg = neg[:room]
-      used = np.concatenate([pos, neg]).astype(np.int32)
-      room = q - used.size
-      batch_room = max(0, room - min(self.min_vocab_negatives, room))
-      other = pool[~np.isin(pool, used)]
-      if other.size > batch_room:
-        other = rng.permutation(other)[:batch_room]
-      elif other.size:
-        other = rng.permutation(other)
-      used = np.concatenate([used, other.astype(np.int32)])
-      vocab_neg = self._vocab_negatives(rng, q - used.size, used)
-      row = np.concatenate([used, vocab_neg])
-      cands[b, :row.size] = row
-      n_known = pos.size + neg.size
-      if streams[b] == _DET and self.det_batch_negatives_known:
-        n_known = row.size
+      used.update(neg)
+      row = pos + neg
+      room = q - len(row)
+      batch_room = room - min(self.min_vocab_negatives, room)
+      other = [t for t in pool if t not in used]
+      if other and batch_room > 0:
+        order = rng.permutation(len(other))[:batch_room]
+        other = [other[i] for i in order.tolist()]
+        row += other
+        used.update(other)
+      row += self._vocab_negatives(rng, q - len(row), used)
+      cands[b, :len(row)] = row
+      is_det = streams[b] == _DET
+      n_known = len(row) if is_det and self.det_batch_negatives_known \
+          else len(pos) + len(neg)
       known[b, :n_known] = True
-      if streams[b] == _DET:
-        bg[b] = known[b] & ~np.isin(cands[b], batch["no_bg_tokens"][b][
-            batch["no_bg_tokens"][b] > 0])
+      if is_det:
+        no_bg = set(batch["no_bg_tokens"][b].tolist())
+        no_bg.discard(schema.PAD_ID)
+        bg[b, :n_known] = [t not in no_bg for t in row[:n_known]]
     if self.stats is not None:
       self.stats.add(dropped)
     out = dict(batch)
-    out["candidates"] = cands
-    out["cand_known"] = known
-    out["cand_bg"] = bg
+    out["candidates"] = cands  # [B, Q]
+    out["cand_known"] = known  # [B, Q]
+    out["cand_bg"] = bg  # [B, Q]
     return out
 
 

@@ -542,7 +542,11 @@ class ResizePad(_ExampleMap):
     # INTER_AREA averages when shrinking (no aliasing); linear when growing.
     interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
     canvas = np.zeros((s, s, 3), np.uint8)
-    canvas[:nh, :nw] = cv2.resize(image, (nw, nh), interpolation=interp)
+    # Resize straight into the canvas (no temporary image and copy).
+    content = canvas[:nh, :nw]
+    resized = cv2.resize(image, (nw, nh), dst=content, interpolation=interp)
+    if resized is not content and not np.shares_memory(resized, canvas):
+      content[:] = resized  # cv2 allocated anyway (unusual layouts).
     out = dict(ex)
     out["image"] = canvas
     out["scale"] = np.float32(scale * ex.get("_pixel_scale", 1.0))
@@ -561,6 +565,18 @@ class ResizePad(_ExampleMap):
         out["phrase_ids"] = ex["phrase_ids"][keep]
     out["boxes"] = boxes
     return out
+
+
+def _empty_labels(spec: schema.Spec, stream: str) -> dict[str, np.ndarray]:
+  """`schema.empty_example` without the image (saves an S*S*3 allocation)."""
+  shapes = schema.example_shapes(spec)
+  out = {k: np.zeros(shp, dt) for k, (shp, dt) in shapes.items()
+         if k != "image"}
+  out["stream"] = np.int32(schema.STREAM_IDS[stream])
+  out["image_id"] = np.int32(-1)
+  out["phrase_ids"][:] = -1
+  out["scale"] = np.float32(1.0)
+  return out
 
 
 def _pad_ids(ids: np.ndarray, size: int) -> tuple[np.ndarray, int]:
@@ -592,7 +608,7 @@ class PadToSpec(_ExampleMap):
     if ex["image"].shape != (s, s, 3):
       raise ValueError(f"PadToSpec got an image of shape {ex['image'].shape}, "
                        f"expected {(s, s, 3)}: run ResizePad first.")
-    out = schema.empty_example(spec, ex["stream"])
+    out = _empty_labels(spec, ex["stream"])
     out["image"] = ex["image"]
     out["image_id"] = np.int32(ex.get("image_id", -1))
     out["orig_size"] = np.asarray(ex["orig_size"], np.int32)
