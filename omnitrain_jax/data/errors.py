@@ -30,6 +30,16 @@ class SkipCounter:
     self._counts = collections.Counter()
     self._examples: dict[tuple[str, str], str] = {}
 
+  def __getstate__(self):
+    # grain pickles sources (and their counters) into worker processes.
+    with self._lock:
+      return {"counts": dict(self._counts), "examples": dict(self._examples)}
+
+  def __setstate__(self, state):
+    self._lock = threading.Lock()
+    self._counts = collections.Counter(state["counts"])
+    self._examples = state["examples"]
+
   def add(self, source: str, error: DataError) -> None:
     key = (source, error.problem.split(":")[0])
     with self._lock:

@@ -13,8 +13,11 @@ Two levels:
    ``source``           str                         dataset name (for messages/eval)
    ``image_id``         int                         id in the source annotation file
    ``image_path``       str | None                  absolute path of the image file
+                                                    (None for TFDS records)
    ``image_bytes``      bytes | None                encoded image (TFDS), else None
    ``width``/``height`` int                         original image size in pixels
+                                                    (0 = unknown, e.g. JSONL/CSV
+                                                    captions: filled at decode)
    ``boxes``            float32 [n, 4]              ``x0, y0, x1, y1`` original pixels
    ``box_texts``        list[str] (n)               det: category name; grd: the text
                                                     of the box's ``tokens_positive``
@@ -23,6 +26,10 @@ Two levels:
    ``phrase_ids``       int32 [n]                   grd: index of the phrase a box
                                                     belongs to (boxes of one phrase
                                                     share tokens); det: 0..n-1
+   ``box_spans``        list[list[[s, e]]] (n)      per box, [start, end) character
+                                                    spans into ``caption`` (MDETR
+                                                    ``tokens_positive``; RefCOCO:
+                                                    the whole sentence; det: [])
    ``caption``          str                         grd: the whole expression /
                                                     sentence; img: the caption;
                                                     det: ""

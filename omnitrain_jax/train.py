@@ -1,0 +1,289 @@
+"""The trainer: mesh -> data -> abstract state -> shardings -> jitted init -> loop.
+
+`train_and_evaluate(config, workdir)` runs unchanged on one CPU, on many
+(fake) devices, on several processes and on TPU pods / GPU clusters:
+
+* **Mesh.** ``config.mesh`` (axes ``data`` x ``model``); the model's logical
+  axis names map to mesh axes by ``config.logical_rules`` ("default": data +
+  tensor parallel; "fsdp": parameters' ``embed`` axis also over ``data``).
+* **Data.** Each process builds its own share of every global batch (fixed
+  det/grd/img composition) and the shares are assembled into global arrays
+  (`jax.make_array_from_process_local_data`).
+* **State.** Built abstract (`jax.eval_shape`), its logical specs turned into
+  shardings, then initialised by `jax.jit(init, out_shardings=...)`, so no
+  device ever holds the whole state unless the rules say so.
+* **Step.** One `jax.jit` with explicit in/out shardings, the state donated.
+* **Resume-first.** Latest checkpoint in the workdir > ``config.init_from`` >
+  scratch. The grain iterator is saved with the state, so a resumed run sees
+  the same batches and, the step being deterministic, the same losses.
+* **Stops.** SIGTERM (preemption) saves and exits; ``config.max_consecutive_
+  nonfinite`` skipped (NaN/inf) steps in a row stop the run with an error
+  naming the step and the non-finite parameter groups.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Any
+
+from absl import logging
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from omnitrain_jax import checkpointing
+from omnitrain_jax import metric_writers
+from omnitrain_jax import optim
+from omnitrain_jax import progress
+from omnitrain_jax import sharding
+from omnitrain_jax import train_state as ts
+from omnitrain_jax.data import pipeline
+from omnitrain_jax.data import schema
+from omnitrain_jax.losses import omni_loss as omni_loss_lib
+from omnitrain_jax.models import omnidet
+from omnitrain_jax.models import partitioning
+
+
+class NonFiniteError(RuntimeError):
+  """Too many non-finite steps in a row."""
+
+
+def build_model(config, vocab_size: int) -> omnidet.OmniDet:
+  model_config = config.model.to_dict()
+  model_config["vocab_size"] = vocab_size
+  return omnidet.OmniDet.from_config(model_config)
+
+
+def loss_config(config) -> omni_loss_lib.LossConfig:
+  return omni_loss_lib.LossConfig(**config.loss.to_dict())
+
+
+def check_config(config) -> None:
+  """Fails early, with the values and the fix, on inconsistent fields."""
+  composition = dict(config.data.batch)
+  if sum(composition.values()) != config.batch_size:
+    raise ValueError(
+        f"config.batch_size={config.batch_size} must equal the sum of the "
+        f"per-stream composition config.data.batch={composition} "
+        f"(= {sum(composition.values())}).")
+  for name in ("total_steps", "log_every_steps", "checkpoint_every_steps"):
+    if int(config[name]) < 1:
+      raise ValueError(f"config.{name}={config[name]} must be >= 1.")
+
+
+def dummy_batch(spec: schema.Spec) -> dict[str, np.ndarray]:
+  """One all-zero example with the batch schema (init needs only shapes)."""
+  return {k: np.zeros(shape, dtype) for k, (shape, dtype)
+          in schema.batch_shapes(spec, 1).items()}
+
+
+@dataclasses.dataclass
+class Setup:
+  """The pieces `train_and_evaluate` builds before its loop (tests use them)."""
+  mesh: jax.sharding.Mesh
+  model: omnidet.OmniDet
+  tx: Any
+  schedule: Any
+  state_shardings: Any
+  abstract_state: Any            # ShapeDtypeStructs carrying the shardings
+  init_fn: Any                   # jitted: rng -> sharded TrainState
+  train_step: Any                # jitted: (state, batch) -> (state, metrics)
+  info: pipeline.DataInfo
+
+
+def setup(config, *, info: pipeline.DataInfo | None = None) -> Setup:
+  """Mesh, data info, model, optimizer, shardings and the jitted functions."""
+  check_config(config)
+  # ------------------------------------------------------------------ mesh
+  mesh = sharding.make_mesh(config.mesh)
+  sharding.check_batch_size(config.batch_size, mesh)
+  rules = partitioning.get_rules(config.logical_rules)
+  # ------------------------------------------------------------------ data
+  info = info or pipeline.prepare_data(config.data)
+  # ------------------------------------------------------- abstract state
+  model = build_model(config, len(info.vocab))
+  dummy = dummy_batch(info.spec)
+  boxed = jax.eval_shape(functools.partial(ts.init_variables, model=model,
+                                           dummy_batch=dummy), jax.random.key(0))
+  abstract_params = nn.unbox(boxed)["params"]
+  tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps,
+                                      abstract_params)
+  create = functools.partial(ts.create_train_state, model=model, tx=tx,
+                             dummy_batch=dummy)
+  abstract_state = jax.eval_shape(create, jax.random.key(0))
+  # ------------------------------------------------------------ shardings
+  specs = ts.state_logical_specs(model, tx, dummy, abstract_state)
+  state_shardings = sharding.logical_shardings(specs, mesh, rules)
+  abstract_state = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      abstract_state, state_shardings)
+  # ----------------------------------------------------------- jitted fns
+  init_fn = jax.jit(lambda seed: create(jax.random.key(seed)),
+                    out_shardings=state_shardings)
+  step_fn = ts.make_train_step(model, tx, loss_config(config), schedule)
+  batch_sharding = sharding.batch_sharding(mesh)
+  train_step = jax.jit(
+      _with_rules(step_fn, rules),
+      in_shardings=(state_shardings, batch_sharding),
+      out_shardings=(state_shardings, sharding.replicated(mesh)),
+      donate_argnums=(0,))
+  return Setup(mesh=mesh, model=model, tx=tx, schedule=schedule,
+               state_shardings=state_shardings, abstract_state=abstract_state,
+               init_fn=init_fn, train_step=train_step, info=info)
+
+
+def _with_rules(fn, rules):
+  """Runs `fn` with flax's logical axis rules (for activation constraints)."""
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with nn.logical_axis_rules(tuple(map(tuple, rules))):
+      return fn(*args, **kwargs)
+  return wrapped
+
+
+def _mean_metrics(history: list[dict[str, jax.Array]]) -> dict[str, float]:
+  stacked = jax.device_get(history)
+  keys = stacked[0].keys()
+  return {k: float(np.mean([np.asarray(m[k]) for m in stacked])) for k in keys}
+
+
+def _check_nonfinite(history, first_step: int, limit: int, run: int) -> int:
+  """Raises when `limit` steps in a row were skipped as non-finite.
+
+  Args:
+    history: the metrics of steps ``first_step + 1 ...``, in order.
+    first_step: the step before ``history[0]``.
+    limit: how many non-finite steps in a row stop the run.
+    run: non-finite steps in a row just before ``history[0]``.
+
+  Returns:
+    The run length after the last step of `history`.
+  """
+  flags = [float(m["nonfinite"]) > 0 for m in jax.device_get(history)]
+  for i, bad in enumerate(flags):
+    run = run + 1 if bad else 0
+    if run >= limit:
+      bad_metrics = jax.device_get(history[i])
+      what = [k for k, v in bad_metrics.items()
+              if k.startswith("nonfinite_") and float(v) > 0]
+      raise NonFiniteError(
+          f"{limit} non-finite steps in a row, the last at step "
+          f"{first_step + i + 1}: non-finite {', '.join(what) or 'values'} "
+          f"(loss={float(bad_metrics['loss'])}). The parameters are those of "
+          "the last finite step. Lower the learning rate, check the data "
+          "(python -m omnitrain_jax.data.inspect), or raise "
+          "config.max_consecutive_nonfinite.")
+  return run
+
+
+def validation_losses(config, s: Setup, params, *, max_batches: int | None = None
+                      ) -> dict[str, float]:
+  """Mean validation loss terms per stream (until the evaluation binary lands)."""
+  out = {}
+  eval_step = jax.jit(_with_rules(functools.partial(
+      ts.eval_step, model=s.model, loss_config=loss_config(config)), 
+      partitioning.get_rules(config.logical_rules)))
+  for stream in schema.STREAMS:
+    if not any(spec.val for spec in s.info.sources.get(stream, {}).values()):
+      continue
+    ds = pipeline.make_eval_dataset(config.data, s.info, stream=stream,
+                                    with_candidates=True)
+    history = []
+    for i, local in enumerate(ds):
+      if max_batches is not None and i >= max_batches:
+        break
+      batch = sharding.host_to_global(local, s.mesh)
+      history.append(eval_step(params, batch))
+    if history:
+      means = _mean_metrics(history)
+      out[f"val/{stream}/loss"] = means["loss"]
+  return out
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains (resuming if `workdir` has a checkpoint); returns the last metrics."""
+  workdir = os.path.abspath(workdir) if "://" not in workdir else workdir
+  os.makedirs(workdir, exist_ok=True) if "://" not in workdir else None
+  lead = jax.process_index() == 0
+  s = setup(config)
+  # ---------------------------------------------------------------- data
+  stats = pipeline.PipelineStats()
+  train_iter = iter(pipeline.make_train_dataset(config.data, s.info, stats=stats))
+  # ----------------------------------------------------- restore or init
+  ckpt = checkpointing.Checkpointer(
+      workdir, save_every_steps=config.checkpoint_every_steps,
+      max_to_keep=config.keep_checkpoints)
+  restored = checkpointing.restore_or_init(
+      ckpt, s.abstract_state, train_iter, init_from=config.init_from or None)
+  if restored is not None and restored.source == "workdir":
+    state, start_step = restored.state, restored.step
+  else:
+    state, start_step = s.init_fn(config.seed), 0
+    if restored is not None:
+      state = checkpointing.replace_fields(state, restored.state)
+  if lead:
+    logging.info("Starting at step %d of %d in %s", start_step,
+                 config.total_steps, workdir)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  writer = metric_writers.create_default_writer(workdir, start_step=start_step)
+  if start_step == 0:
+    writer.write_hparams(config.to_dict())
+  report = progress.ReportProgress(config.total_steps,
+                                   every_steps=config.log_every_steps,
+                                   every_secs=None)
+  profiler = progress.Profiler(workdir, config.get("profile_steps") or None)
+  meta = {"config": config.to_dict()}
+  # ---------------------------------------------------------------- loop
+  step = start_step
+  history: list[dict[str, jax.Array]] = []
+  last: dict[str, Any] = {}
+  nonfinite_run = 0
+  guard = checkpointing.PreemptionGuard()
+  try:
+    while step < config.total_steps:
+      profiler(step, block_on=state)
+      local = next(train_iter)
+      batch = sharding.host_to_global(local, s.mesh)
+      state, metrics = s.train_step(state, batch)
+      history.append(metrics)
+      step += 1
+      stop = guard.should_stop(step)
+      at_end = step == config.total_steps
+      if step % config.log_every_steps == 0 or at_end or stop:
+        nonfinite_run = _check_nonfinite(history, step - len(history),
+                                         config.max_consecutive_nonfinite,
+                                         nonfinite_run)
+        last = _mean_metrics(history)
+        # Per-group flags only matter when set (the error names them).
+        last = {k: v for k, v in last.items()
+                if not (k.startswith("nonfinite_grad/") and v == 0)}
+        last["skipped_steps"] = float(jax.device_get(state.skipped_steps))
+        last.update({f"data/{k}": float(v) for k, v in stats.counts().items()})
+        rates = report(step)
+        if rates:
+          last.update(rates)
+        writer.write_scalars(step, last)
+        history = []
+      if at_end or (config.eval_every_steps and step % config.eval_every_steps == 0):
+        writer.write_scalars(step, validation_losses(
+            config, s, state.params, max_batches=config.get("eval_max_batches")))
+      ckpt.maybe_save(step, state, train_iter, meta, force=stop or at_end)
+      if stop:
+        logging.info("Preemption/stop requested: saved step %d, exiting.", step)
+        break
+  finally:
+    guard.close()
+    profiler.stop()
+    ckpt.close()
+    writer.flush()
+    writer.close()
+  if lead:
+    logging.info("%s", stats.report())
+  return {"step": step, **last}
