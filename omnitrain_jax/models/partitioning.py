@@ -32,11 +32,16 @@ the FSDP rules: an activation ``("batch", "length", "embed")`` then shards its
 batch over ``data`` and leaves ``embed`` whole, while a parameter
 ``("embed", "mlp")`` (no batch axis) shards ``embed`` over ``data``.
 A logical name missing from the rules means "replicated".
+
+Activation constraints (`nn.with_logical_constraint` in the model) take effect
+only while tracing under both a mesh and rules -- `activation_sharding(mesh,
+rules)` -- and are no-ops otherwise (single device, tests).
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextlib
+from typing import Any, Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -120,3 +125,25 @@ def mesh_shardings(boxed_tree: Any, mesh: jax.sharding.Mesh,
   """
   specs = nn.get_partition_spec(boxed_tree)
   return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: jax.sharding.Mesh,
+                        rules: LogicalRules = DEFAULT_LOGICAL_RULES
+                        ) -> Iterator[None]:
+  """Context in which the model's logical activation constraints apply.
+
+  Trace (call or first-call) the jitted step inside it::
+
+    with activation_sharding(mesh, rules):
+      state, metrics = train_step(state, batch)
+
+  Args:
+    mesh: the device mesh (axis types Auto, e.g. `jax.sharding.Mesh`).
+    rules: the same logical rules used for the parameter shardings.
+
+  Yields:
+    Nothing; sets the global mesh and flax's logical axis rules.
+  """
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield

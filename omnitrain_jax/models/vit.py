@@ -30,7 +30,6 @@ and the grid of patch tokens, both after `encoder_norm`.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Sequence
 
@@ -194,6 +193,43 @@ class MlpBlock(nn.Module):
         bias_init=_wlp(nn.initializers.normal(stddev=1e-6), ("embed",)))(x)
 
 
+class HeadsDense(nn.Module):
+  """A dense layer into (``to_heads``) or out of attention heads.
+
+  to_heads: ``[..., D] -> [..., H, Dh]`` (kernel ``[D, H, Dh]``, bias
+  ``[H, Dh]``); otherwise ``[..., H, Dh] -> [..., D]`` (kernel ``[H, Dh, D]``,
+  bias ``[D]``) -- flax MHA's parameter layout, so checkpoints load as is.
+
+  Not `nn.DenseGeneral`: that one initialises a flat 2-D kernel and reshapes
+  it, which applies the 3-D logical-axis constraint to the 2-D value (an error)
+  when initialising under a mesh. Here the kernel is created at its true shape
+  and xavier gets the fan axes explicitly (the same fans as the flat matrix).
+  """
+  num_heads: int
+  head_dim: int
+  width: int
+  to_heads: bool
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h, dh, d = self.num_heads, self.head_dim, self.width
+    if self.to_heads:
+      shape, names = (d, h, dh), ("embed", "heads", "kv")
+      init = nn.initializers.xavier_uniform(in_axis=0, out_axis=(1, 2))
+      bias_shape, bias_names, eq = (h, dh), ("heads", "kv"), "...d,dhk->...hk"
+    else:
+      shape, names = (h, dh, d), ("heads", "kv", "embed")
+      init = nn.initializers.xavier_uniform(in_axis=(0, 1), out_axis=2)
+      bias_shape, bias_names, eq = (d,), ("embed",), "...hk,hkd->...d"
+    kernel = self.param("kernel", _wlp(init, names), shape, jnp.float32)
+    bias = self.param("bias", _wlp(nn.initializers.zeros_init(), bias_names),
+                      bias_shape, jnp.float32)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias,
+                                              dtype=self.dtype)
+    return jnp.einsum(eq, x, kernel) + bias
+
+
 class SelfAttention(nn.Module):
   """Multi-head self-attention with flax MHA's parameter layout.
 
@@ -211,27 +247,16 @@ class SelfAttention(nn.Module):
     if width % self.num_heads:
       raise ValueError(
           f"width {width} must be divisible by num_heads {self.num_heads}.")
-    head_dim = width // self.num_heads
-    # Kernels are [D, H, Dh]; flax initialises them as a flat [D, H*Dh] matrix,
-    # so xavier sees the true fan-in/fan-out (as big_vision's MHA).
-    qkv = functools.partial(
-        nn.DenseGeneral, features=(self.num_heads, head_dim), axis=-1,
-        dtype=self.dtype,
-        kernel_init=_wlp(nn.initializers.xavier_uniform(),
-                         ("embed", "heads", "kv")),
-        bias_init=_wlp(nn.initializers.zeros_init(), ("heads", "kv")))
-    q = qkv(name="query")(x)  # [B, L, H, Dh]
-    k = qkv(name="key")(x)
-    v = qkv(name="value")(x)
+    dims = dict(num_heads=self.num_heads, head_dim=width // self.num_heads,
+                width=width, dtype=self.dtype)
+    q = HeadsDense(**dims, to_heads=True, name="query")(x)  # [B, L, H, Dh]
+    k = HeadsDense(**dims, to_heads=True, name="key")(x)
+    v = HeadsDense(**dims, to_heads=True, name="value")(x)
     q, k, v = (nn.with_logical_constraint(t, ("batch", "length", "heads", "kv"))
                for t in (q, k, v))
     y = jax.nn.dot_product_attention(q, k, v)  # [B, L, H, Dh]
     y = nn.with_logical_constraint(y, ("batch", "length", "heads", "kv"))
-    return nn.DenseGeneral(
-        features=width, axis=(-2, -1), dtype=self.dtype, name="out",
-        kernel_init=_wlp(nn.initializers.xavier_uniform(),
-                         ("heads", "kv", "embed")),
-        bias_init=_wlp(nn.initializers.zeros_init(), ("embed",)))(y)
+    return HeadsDense(**dims, to_heads=False, name="out")(y)  # [B, L, D]
 
 
 class Encoder1DBlock(nn.Module):
