@@ -1,0 +1,64 @@
+r"""Builds a vocabulary file from training annotations.
+
+    python -m omnitrain_jax.vocab.build --out=vocab.txt --max_size=200000 \
+        instances_train2017.json lvis_v1_train.json \
+        final_flickr_separateGT_train.json captions_train2017.json \
+        refs\(umd\).p laion_subset.jsonl
+
+Each file's format is sniffed from its content (`builder.read_annotations`).
+Category names become concepts (multi-word names stay whole unless they are
+compositional in their dataset, see `builder`; `--split_categories` splits
+them all), caption and phrase words are counted, and the vocabulary is the
+category concepts followed by the most frequent words (and, with
+`--min_bigram_count`, collocated bigrams), `--max_size` tokens in all. Prints a
+JSON summary on stdout.
+"""
+
+import json
+import sys
+
+from absl import app
+from absl import flags
+
+from omnitrain_jax.vocab import builder
+
+_OUT = flags.DEFINE_string("out", None, "Vocabulary file to write.",
+                           required=True)
+_MAX_SIZE = flags.DEFINE_integer(
+    "max_size", 200_000, "Most tokens in total, the 2 reserved ids included "
+    "(category concepts are kept even beyond it).")
+_SPLIT = flags.DEFINE_boolean(
+    "split_categories", False, "Split every multi-word category name into "
+    "its words instead of applying the compositionality rule.")
+_MIN_COUNT = flags.DEFINE_integer(
+    "min_count", 1, "Drop caption words seen fewer times.")
+_MIN_PARTNERS = flags.DEFINE_integer(
+    "min_partners", 2, "A multi-word category name is split when each word "
+    "recurs at its position in this many other names of its dataset.")
+_MIN_BIGRAM = flags.DEFINE_integer(
+    "min_bigram_count", 0, "Add adjacent caption word pairs seen at least "
+    "this often (and collocated) as concepts; 0 disables.")
+_BIGRAM_NPMI = flags.DEFINE_float(
+    "bigram_min_npmi", 0.5, "Normalized PMI in [-1, 1] a bigram needs.")
+
+
+def main(argv):
+  paths = argv[1:]
+  if not paths:
+    raise app.UsageError("Give one or more annotation files after the flags.")
+  try:
+    vocab, summary = builder.build_vocabulary(
+        paths, max_size=_MAX_SIZE.value, split_categories=_SPLIT.value,
+        min_count=_MIN_COUNT.value, min_partners=_MIN_PARTNERS.value,
+        min_bigram_count=_MIN_BIGRAM.value,
+        bigram_min_npmi=_BIGRAM_NPMI.value)
+  except ValueError as e:  # DataError too: bad input, say which and why.
+    sys.exit(f"error: {e}")
+  vocab.save(_OUT.value)
+  summary["out"] = _OUT.value
+  json.dump(summary, sys.stdout, indent=1, ensure_ascii=False)
+  sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,537 @@
+"""Builds a `Vocabulary` from training annotation files (library side).
+
+The command line is `omnitrain_jax.vocab.build`; this module holds the logic:
+
+1. **Read** each file, sniffing its format (`read_annotations`): COCO / LVIS
+   instances JSON (category names; LVIS synonyms too), MDETR-style grounding
+   JSON (image entries with a ``caption``), COCO captions JSON (annotations
+   with a ``caption``), JSONL (``{"image": ..., "caption": ...}`` a line), CSV
+   with a ``caption`` column, a JSON list of ``{"caption": ...}``, and RefCOCO
+   ``refs(umd).p`` pickles (each ref's sentences' ``sent``).
+2. **Category concepts** (`category_concepts`), per instances file, so in the
+   dataset's own terms. Names are cleaned first (`text.clean_category_name`:
+   LVIS ``hot_dog`` -> ``hot dog``, sense suffix ``bow_(weapon)`` -> ``bow``;
+   Objects365 ``Monitor/TV`` -> the alternatives ``monitor``, ``tv``). A
+   one-word name is a concept. A multi-word name of k words is
+   **compositional**, and split into its content words, when *each* of its
+   words recurs at the same position in at least `min_partners` (default 2)
+   *other* k-word category names of the file. In a colour x shape dataset
+   ``red circle`` splits (``red`` starts many other names, ``circle`` ends
+   many), while COCO's ``hot dog``, ``traffic light``, ``teddy bear`` (no
+   other "teddy ..." name) and LVIS's ``baseball bat`` (no other "... bat")
+   stay whole. Position matters so that ``dog collar`` does not count as a
+   partner of ``hot dog``; requiring 2 partners keeps accidental overlaps in
+   large label sets (LVIS) from splitting real compounds. `split_all`
+   (``--split_categories``) splits every multi-word name.
+3. **Counts.** A category concept counts its boxes. Captions, referring
+   expressions and grounding captions are tokenized against the category
+   concepts (longest match, so "hot dogs" counts `hot dog`); matched concepts
+   add to their counts, the other non-stop words are counted as candidate
+   words. With ``min_bigram_count > 0``, pairs of adjacent candidate words
+   become candidate bigram concepts when frequent (``>= min_bigram_count``)
+   and collocated (normalized PMI ``>= bigram_min_npmi``, default 0.5: "hot
+   dog"-like pairs, not "red circle"-like combinations of frequent words);
+   a bigram equal to a split category name is never added.
+4. **Assemble**: reserved ids, then every category concept (always kept,
+   most frequent first), then candidate words/bigrams by count (ties by
+   string), cut to `max_size` tokens in total (reserved included).
+
+Counts go into the file (they drive frequency-based negative sampling).
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Iterable, Sequence
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import pickle
+
+from etils import epath
+import numpy as np
+
+from omnitrain_jax.data.errors import DataError
+from omnitrain_jax.vocab import text as text_lib
+from omnitrain_jax.vocab import tokenizer as tokenizer_lib
+from omnitrain_jax.vocab import vocabulary as vocabulary_lib
+
+FORMATS = ("coco_instances", "lvis_instances", "mdetr_grounding",
+           "coco_captions", "jsonl_captions", "json_captions", "csv_captions",
+           "refcoco_refs")
+_FORMAT_HELP = (
+    "expected COCO/LVIS instances JSON (with 'categories'), MDETR grounding "
+    "JSON ('images' with 'caption'), COCO captions JSON ('annotations' with "
+    "'caption'), JSONL or a JSON list of {'caption': ...}, CSV with a "
+    "'caption' column, or a RefCOCO refs(umd).p pickle")
+
+
+@dataclasses.dataclass(frozen=True)
+class Category:
+  """One category of an instances file.
+
+  Attributes:
+    name: the raw name ("hot_dog", "bow_(weapon)").
+    synonyms: raw synonyms (LVIS), possibly empty.
+    num_boxes: annotations of this category in the file.
+  """
+  name: str
+  synonyms: tuple[str, ...] = ()
+  num_boxes: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class AnnotationSource:
+  """What the builder takes from one annotation file.
+
+  Attributes:
+    path: the file.
+    format: one of `FORMATS`.
+    categories: categories (instances files), else empty.
+    texts: captions / expressions (text files), else empty.
+  """
+  path: str
+  format: str
+  categories: tuple[Category, ...] = ()
+  texts: tuple[str, ...] = ()
+
+
+# ------------------------------------------------------------------ reading
+
+
+def read_annotations(path: str | os.PathLike[str]) -> AnnotationSource:
+  """Reads one annotation file, sniffing its format from its content.
+
+  Args:
+    path: a file in one of `FORMATS` (local or `etils.epath` path).
+
+  Returns:
+    The categories or texts it holds.
+
+  Raises:
+    DataError: unreadable file or unrecognized / malformed content; the
+      message names the file and the expected formats.
+  """
+  p = epath.Path(path)
+  name = os.fspath(path)
+  try:
+    data = p.read_bytes()
+  except OSError as e:
+    raise DataError(name, "file", f"cannot read it ({e})",
+                    "check the path and permissions") from e
+  suffix = p.suffix.lower()
+  # Pickle protocol 2+ starts with 0x80; RefCOCO's refs(umd).p is protocol 2.
+  if data[:1] == b"\x80" or suffix in (".p", ".pkl", ".pickle"):
+    return _read_refcoco(name, data)
+  try:
+    text = data.decode("utf-8-sig")
+  except UnicodeDecodeError as e:
+    raise DataError(name, "file", f"not UTF-8 text ({e})",
+                    _FORMAT_HELP) from e
+  stripped = text.lstrip()
+  if suffix == ".csv" or not stripped.startswith(("{", "[")):
+    return _read_csv(name, text)
+  if suffix == ".jsonl":
+    return _read_jsonl(name, text)
+  try:
+    obj = json.loads(text)
+  except json.JSONDecodeError as e:
+    if e.msg == "Extra data":
+      return _read_jsonl(name, text)
+    raise DataError(name, f"line {e.lineno}", f"invalid JSON ({e.msg})",
+                    _FORMAT_HELP) from e
+  return _from_json(name, obj)
+
+
+def _from_json(name: str, obj) -> AnnotationSource:
+  """Dispatches a parsed JSON document on its keys."""
+  if isinstance(obj, list):
+    return AnnotationSource(name, "json_captions",
+                            texts=tuple(_captions_of(name, obj)))
+  if not isinstance(obj, dict):
+    raise DataError(name, "top level", f"a JSON {type(obj).__name__}",
+                    _FORMAT_HELP)
+  if "caption" in obj or "captions" in obj:
+    # A one-line JSONL file without the .jsonl suffix.
+    return AnnotationSource(name, "jsonl_captions",
+                            texts=tuple(_captions_of(name, [obj])))
+  images = obj.get("images") or []
+  anns = obj.get("annotations") or []
+  if images and isinstance(images[0], dict) and "caption" in images[0]:
+    # MDETR: one image entry per (image, caption); phrases are substrings of
+    # the caption, so the caption is what is counted.
+    texts = []
+    for i, im in enumerate(images):
+      cap = im.get("caption")
+      if not isinstance(cap, str):
+        raise DataError(name, f"images[{i}] (id {im.get('id')})",
+                        f"caption is {cap!r}, not a string",
+                        "give every image entry a 'caption' string")
+      texts.append(cap)
+    return AnnotationSource(name, "mdetr_grounding", texts=tuple(texts))
+  if anns and isinstance(anns[0], dict) and "caption" in anns[0]:
+    return AnnotationSource(name, "coco_captions",
+                            texts=tuple(_captions_of(name, anns)))
+  if "categories" in obj:
+    cats = obj["categories"]
+    num_boxes = collections.Counter()
+    for a in anns:
+      num_boxes[a.get("category_id")] += 1
+    out, lvis = [], False
+    for i, c in enumerate(cats):
+      if not isinstance(c, dict) or not isinstance(c.get("name"), str):
+        raise DataError(name, f"categories[{i}]", f"no 'name' string in {c!r}",
+                        "give each category a 'name'")
+      syn = c.get("synonyms") or ()
+      lvis = lvis or "synonyms" in c or "frequency" in c
+      out.append(Category(c["name"], tuple(s for s in syn if isinstance(s, str)),
+                          num_boxes.get(c.get("id"), 0)))
+    fmt = "lvis_instances" if lvis else "coco_instances"
+    return AnnotationSource(name, fmt, categories=tuple(out))
+  raise DataError(name, "top level", f"unrecognized keys {sorted(obj)[:8]}",
+                  _FORMAT_HELP)
+
+
+def _captions_of(name: str, entries: Iterable, where: str = "entry",
+                 start: int = 0) -> list[str]:
+  """The 'caption' strings (or 'captions' lists) of dict entries."""
+  texts = []
+  for i, e in enumerate(entries, start=start):
+    cap = e.get("caption", e.get("captions")) if isinstance(e, dict) else None
+    if isinstance(cap, str):
+      texts.append(cap)
+    elif isinstance(cap, list) and all(isinstance(c, str) for c in cap):
+      texts.extend(cap)
+    else:
+      raise DataError(name, f"{where} {i}", f"no 'caption' string in {e!r:.80}",
+                      "give every entry a 'caption' (or 'captions' list)")
+  return texts
+
+
+def _read_jsonl(name: str, text: str) -> AnnotationSource:
+  texts = []
+  for lineno, line in enumerate(text.splitlines(), start=1):
+    if not line.strip():
+      continue
+    try:
+      entry = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise DataError(name, f"line {lineno}", f"invalid JSON ({e.msg})",
+                      "write one JSON object a line") from e
+    texts.extend(_captions_of(name, [entry], "line", start=lineno))
+  return AnnotationSource(name, "jsonl_captions", texts=tuple(texts))
+
+
+def _read_csv(name: str, text: str) -> AnnotationSource:
+  reader = csv.DictReader(io.StringIO(text))
+  fields = [f.strip().lower() for f in (reader.fieldnames or [])]
+  if "caption" not in fields:
+    raise DataError(name, "header", f"no 'caption' column in {fields}",
+                    _FORMAT_HELP)
+  col = reader.fieldnames[fields.index("caption")]
+  return AnnotationSource(name, "csv_captions",
+                          texts=tuple(r[col] or "" for r in reader))
+
+
+def _read_refcoco(name: str, data: bytes) -> AnnotationSource:
+  try:
+    # refs(umd).p was written by Python 2; latin1 decodes its byte strings.
+    # Note: unpickling runs code from the file; only read files you trust.
+    refs = pickle.loads(data, encoding="latin1")
+  except Exception as e:  # pickle raises many types on bad input.
+    raise DataError(name, "file", f"not a readable pickle ({e!r})",
+                    _FORMAT_HELP) from e
+  if not isinstance(refs, list):
+    raise DataError(name, "top level", f"a {type(refs).__name__}, not a list "
+                    "of refs", _FORMAT_HELP)
+  texts = []
+  for i, ref in enumerate(refs):
+    sents = ref.get("sentences") if isinstance(ref, dict) else None
+    if not isinstance(sents, list):
+      raise DataError(name, f"ref {i}", "no 'sentences' list",
+                      "use the refs(umd).p file of the REFER toolkit")
+    for s in sents:
+      sent = s.get("sent", s.get("raw")) if isinstance(s, dict) else None
+      if not isinstance(sent, str):
+        raise DataError(name, f"ref {i} (ref_id {ref.get('ref_id')})",
+                        f"sentence without 'sent': {s!r:.80}",
+                        "use the refs(umd).p file of the REFER toolkit")
+      texts.append(sent)
+  return AnnotationSource(name, "refcoco_refs", texts=tuple(texts))
+
+
+# ------------------------------------------------------- category concepts
+
+
+def category_concepts(names: Iterable[str], *, split_all: bool = False,
+                      min_partners: int = 2) -> dict[str, list[str]]:
+  """Concept tokens of each category name of one dataset (rule: module doc).
+
+  Args:
+    names: the dataset's raw category names (and synonyms).
+    split_all: split every multi-word name into its content words.
+    min_partners: how many other same-length names must share each word at
+      its position for a multi-word name to count as compositional.
+
+  Returns:
+    Raw name -> its concept tokens (normalized; empty for a name without
+    words, e.g. "()").
+  """
+  return _category_concepts(names, split_all, min_partners)[0]
+
+
+def _category_concepts(names, split_all, min_partners):
+  """`category_concepts` plus the set of normalized names that were split."""
+  if min_partners < 1:
+    raise ValueError(f"min_partners={min_partners} must be >= 1.")
+  names = list(dict.fromkeys(names))
+  variants = {n: [text_lib.normalize_words(v)
+                  for v in text_lib.category_name_variants(n)] for n in names}
+  # (length, position, word) -> number of distinct names having it.
+  keys = {tuple(w) for vs in variants.values() for w in vs if len(w) > 1}
+  slot_count = collections.Counter(
+      (len(k), i, w) for k in keys for i, w in enumerate(k))
+  out, split = {}, set()
+  for n, vs in variants.items():
+    concepts = []
+    for words in vs:
+      if not words:
+        continue
+      content = [w for w in words if not text_lib.is_stop_word(w)]
+      if len(words) > 1 and content and (split_all or all(
+          slot_count[(len(words), i, w)] - 1 >= min_partners
+          for i, w in enumerate(words))):
+        concepts.extend(content)
+        split.add(" ".join(words))
+      else:
+        concepts.append(" ".join(words))
+    out[n] = list(dict.fromkeys(concepts))
+  return out, split
+
+
+# ----------------------------------------------------------------- counting
+
+
+def count_text_tokens(
+    tokenizer: tokenizer_lib.Tokenizer, texts: Sequence[str], *,
+    bigrams: bool = False, fast: bool = True,
+) -> tuple[collections.Counter, collections.Counter, collections.Counter]:
+  """What `tokenizer.encode` gives over many texts, counted.
+
+  Args:
+    tokenizer: the tokenizer (in the builder: over the category concepts).
+    texts: the texts.
+    bigrams: also count pairs of unknown words adjacent in a text (only blank
+      space between them).
+    fast: count word by word where that gives the same result (below).
+
+  Returns:
+    `(token_counts, unknown_word_counts, bigram_counts)`, keyed by token
+    string, normalized unknown word and "word word".
+
+  The fast path gives exactly the counts of tokenizing each text: where no
+  multi-word concept can match, a word tokenizes the same wherever it
+  occurs, so ASCII texts are split and counted by distinct word in C (one
+  `findall` over the joined texts) and each distinct word is tokenized once.
+  Texts that hold the first two words of a multi-word concept in a row,
+  non-ASCII texts, and every text when counting bigrams, go through the
+  tokenizer one by one.
+  """
+  tok_counts, unk_counts, bigram_counts = (
+      collections.Counter(), collections.Counter(), collections.Counter())
+  slow = []
+  if fast and not bigrams:
+    ascii_texts = []
+    for t in texts:
+      (ascii_texts if t.isascii() else slow).append(t)
+    find = text_lib.WORD_RE.findall
+    # "Q" separates the texts: a word of its own that no lower-cased text
+    # holds, so the word list can be cut back into texts.
+    all_words = find(_SEP.join([t.lower() for t in ascii_texts]))
+    raw = collections.Counter(all_words)
+    raw.pop("Q", None)
+    # A multi-word concept can only match where a text holds its first two
+    # words in a row: such texts take the slow path. `raw_pairs` are those
+    # word pairs as they appear in the texts (before folding).
+    fold = text_lib.fold_plural
+    seconds = collections.defaultdict(set)  # first word -> second words
+    for t in tokenizer.vocab.tokens:
+      if " " in t:
+        a, b = t.split(" ", 2)[:2]
+        seconds[a].add(b)
+    second_words = set().union(*seconds.values()) if seconds else set()
+    # Fold each distinct word once (there can be millions).
+    folded = dict(zip(raw, map(fold, map(_cut_possessive, raw))))
+    raw_firsts = collections.defaultdict(list)  # first word -> raw forms
+    raw_seconds = collections.defaultdict(list)
+    for r, f in folded.items():
+      if f in seconds:
+        raw_firsts[f].append(r)
+      if f in second_words:
+        raw_seconds[f].append(r)
+    raw_pairs = {(r1, r2) for f1, r1s in raw_firsts.items() for r1 in r1s
+                 for f2 in seconds[f1] for r2 in raw_seconds.get(f2, ())}
+    if raw_pairs:
+      hits = [i for i, p in enumerate(zip(all_words, all_words[1:]))
+              if p in raw_pairs]
+      if hits:
+        seps = np.flatnonzero(np.array(all_words, dtype=object) == "Q")
+        for j in np.unique(np.searchsorted(seps, hits)).tolist():
+          slow.append(ascii_texts[j])
+          raw.subtract(find(ascii_texts[j].lower()))
+    index = tokenizer.vocab.index
+    for r, c in raw.items():
+      if c <= 0:
+        continue
+      f = folded[r]
+      if "-" in f or "'" in f:
+        _, _, toks, unknown = tokenizer.tokenize(r)
+        for t in toks:
+          tok_counts[t] += c
+        for u, _ in unknown:
+          unk_counts[u] += c
+        continue
+      if f in index:
+        tok_counts[f] += c
+      elif not text_lib.is_stop_word(f):
+        unk_counts[f] += c
+  else:
+    slow = texts
+  for t in slow:
+    _, _, toks, unknown = tokenizer.tokenize(t)
+    tok_counts.update(toks)
+    unk_counts.update(u for u, _ in unknown)
+    if bigrams:
+      for (u, (_, e)), (v, (s, _)) in zip(unknown, unknown[1:]):
+        if t[e:s].isspace():
+          bigram_counts[f"{u} {v}"] += 1
+  return tok_counts, unk_counts, bigram_counts
+
+
+_SEP = "\nQ\n"
+
+
+def _cut_possessive(word: str) -> str:
+  return word[:-2] if word.endswith("'s") else word
+
+
+# ----------------------------------------------------------------- building
+
+
+def build_vocabulary(
+    sources: Sequence[str | os.PathLike[str] | AnnotationSource], *,
+    max_size: int, split_categories: bool = False, min_count: int = 1,
+    min_partners: int = 2, min_bigram_count: int = 0,
+    bigram_min_npmi: float = 0.5, top_k_summary: int = 20,
+) -> tuple[vocabulary_lib.Vocabulary, dict]:
+  """Builds a vocabulary from annotation files (rules: module doc).
+
+  Args:
+    sources: file paths (format sniffed) or already read `AnnotationSource`s.
+    max_size: the most tokens in total, reserved ids included. Category
+      concepts are always kept, even beyond it (the summary says so).
+    split_categories: split every multi-word category name.
+    min_count: drop caption words seen fewer times.
+    min_partners: see `category_concepts`.
+    min_bigram_count: add adjacent word pairs seen at least this often
+      (and collocated, see `bigram_min_npmi`) as concepts; 0 disables.
+    bigram_min_npmi: the normalized PMI a bigram needs, in [-1, 1].
+    top_k_summary: how many top tokens the summary lists.
+
+  Returns:
+    `(vocabulary, summary)`; the summary is JSON-serializable.
+  """
+  if max_size <= vocabulary_lib.NUM_RESERVED:
+    raise ValueError(f"max_size={max_size} leaves no room for concepts after "
+                     f"the {vocabulary_lib.NUM_RESERVED} reserved ids; use a "
+                     "larger --max_size.")
+  if min_count < 1 or min_bigram_count < 0:
+    raise ValueError(f"min_count={min_count} must be >= 1 and "
+                     f"min_bigram_count={min_bigram_count} >= 0.")
+  sources = [s if isinstance(s, AnnotationSource) else read_annotations(s)
+             for s in sources]
+
+  # Category concepts with box counts, per file.
+  cat_counts = collections.Counter()
+  split_names, empty_names = set(), []
+  for src in sources:
+    if not src.categories:
+      continue
+    all_names = [n for c in src.categories for n in (c.name, *c.synonyms)]
+    concepts, split = _category_concepts(all_names, split_categories,
+                                         min_partners)
+    split_names |= split
+    for c in src.categories:
+      if not concepts[c.name]:
+        empty_names.append(c.name)
+      for t in concepts[c.name]:
+        cat_counts[t] += c.num_boxes
+      for s in c.synonyms:
+        for t in concepts[s]:
+          cat_counts[t] += 0  # Present, even without boxes of its own.
+
+  # Text counts, tokenized against the category concepts.
+  tok = tokenizer_lib.Tokenizer(vocabulary_lib.Vocabulary(sorted(cat_counts)))
+  texts = [t for src in sources for t in src.texts]
+  hits, words, bigrams = count_text_tokens(tok, texts,
+                                           bigrams=min_bigram_count > 0)
+  cat_counts.update(hits)
+
+  # Candidates: words, then collocated bigrams.
+  candidates = {w: n for w, n in words.items() if n >= min_count}
+  cut_min_count = len(words) - len(candidates)
+  num_bigrams = 0
+  if min_bigram_count:
+    total = sum(words.values())
+    for bg, n in bigrams.items():
+      if n < min_bigram_count or bg in split_names or bg in cat_counts:
+        continue
+      a, b = bg.split(" ")
+      p_ab = n / total
+      npmi = (math.log(p_ab / (words[a] / total * words[b] / total))
+              / -math.log(p_ab) if p_ab < 1 else 1.0)
+      if npmi >= bigram_min_npmi:
+        candidates[bg] = n
+        num_bigrams += 1
+
+  # Most frequent first, ties by string (a stable sort keeps the order of
+  # equal keys, also with reverse=True; C-level keys, no lambda).
+  cats = sorted(sorted(cat_counts), key=cat_counts.__getitem__, reverse=True)
+  ranked = sorted(sorted(candidates), key=candidates.__getitem__,
+                  reverse=True)
+  room = max(0, max_size - vocabulary_lib.NUM_RESERVED - len(cats))
+  kept = ranked[:room]
+  tokens = cats + kept
+  counts = [cat_counts[t] for t in cats] + [candidates[t] for t in kept]
+  vocab = vocabulary_lib.Vocabulary(tokens, counts)
+
+  order = np.argsort(-vocab.counts[vocab.num_reserved:], kind="stable")
+  top = [[vocab.tokens[i + vocab.num_reserved],
+          int(vocab.counts[i + vocab.num_reserved])]
+         for i in order[:top_k_summary]]
+  summary = {
+      "size": len(vocab),
+      "max_size": max_size,
+      "reserved": vocab.num_reserved,
+      "category_concepts": len(cats),
+      "words": sum(1 for t in kept if " " not in t),
+      "bigrams": sum(1 for t in kept if " " in t),
+      "bigram_candidates": num_bigrams,
+      "cut_by_max_size": len(ranked) - len(kept),
+      "cut_by_min_count": cut_min_count,
+      "categories_over_max_size": len(cats) + vocab.num_reserved > max_size,
+      "multiword_concepts": sum(1 for t in tokens if " " in t),
+      "max_concept_words": vocab.max_concept_words,
+      "split_category_names": sorted(split_names)[:50],
+      "num_split_category_names": len(split_names),
+      "empty_category_names": empty_names[:50],
+      "texts": len(texts),
+      "files": [{"path": s.path, "format": s.format,
+                 "categories": len(s.categories), "texts": len(s.texts)}
+                for s in sources],
+      "top_tokens": top,
+  }
+  return vocab, summary
