@@ -1,6 +1,6 @@
 r"""Vocabulary benchmark: build, save/load and tokenize at V=1k and V=500k.
 
-    python benchmarks/vocab.py                 # full size (~1 min, ~1.5 GB)
+    python benchmarks/vocab.py                 # full size (~30 s, ~0.5 GB)
     python benchmarks/vocab.py --scale=0.01    # smoke run
 
 Prints one JSON object:
