@@ -58,6 +58,8 @@ import numpy as np
 from omnitrain_jax.data import schema
 
 _DET = schema.STREAM_IDS["det"]
+# Batch key of the pipeline's side channel for counts (see pipeline.Settle).
+REPORT = "_report"
 
 
 class CandidateStats:
@@ -242,6 +244,8 @@ class Candidates(grain.transforms.RandomMap):
     if self.stats is not None:
       self.stats.add(dropped)
     out = dict(batch)
+    if REPORT in batch:  # Counted by the pipeline's main process.
+      out[REPORT] = {**batch[REPORT], "candidates": dict(dropped)}
     out["candidates"] = cands  # [B, Q]
     out["cand_known"] = known  # [B, Q]
     out["cand_bg"] = bg  # [B, Q]

@@ -17,14 +17,15 @@ Training graph (per process)::
                  .random_map(RandomCropFlip)        # seeded by global index
                  .map(ResizePad).map(PadToSpec)
                  [process_index::process_count]     # disjoint shards
-                 .to_iter_dataset(ReadOptions)      # threads, in process
-                 [.mp_prefetch(workers)]            # or worker processes
-                 .filter(Account)                   # main process: count and
-                                                    # drop skip markers
+                 .to_iter_dataset(ReadOptions)      # reader threads
+                 .filter(Account)                   # drop skip markers, note
+                                                    # metadata in the ledger
   per stream:  IterDataset.mix({source: ds}, weights) (if several sources)
                  .map(StripMeta).batch(share, list) # this process's share
   all:         ZipIterDataset([det, grd, img]).map(StackStreams)
                  .random_map(Candidates)            # needs the whole batch
+                 [.mp_prefetch(workers)]            # whole pipeline / worker
+                 .map(Settle)                       # main process: counts
                  [ThreadPrefetchIterDataset]        # overlap with the step
 
 Design decisions:
@@ -54,19 +55,28 @@ Design decisions:
 * **Checkpointing.** The returned dataset's iterator implements
   ``get_state()/set_state()`` exactly (sources' positions, per-element rng
   counters, the candidate sampler's counter), also with worker processes; save
-  it with orbax via ``grain.checkpoint.CheckpointSave(it)``.
+  it with orbax via ``grain.checkpoint.CheckpointSave(it)``. The state's
+  layout depends on ``num_workers`` (grain's mp_prefetch keeps one state per
+  worker): resume with the same worker count.
 * **Bad input.** Strict mode raises the transforms' `DataError` (naming the
-  file). Lenient mode turns bad records into skip markers; `Account` (main
-  process, before batching) drops and counts them in `PipelineStats` and logs
-  a report at the end of every epoch of every source; the same object holds
-  the truncation counts of `PadToSpec`. Skip counts are not part of the
-  iterator state (after a resume they count from zero).
-* **Parallelism.** ``data.num_threads`` threads (`grain.ReadOptions`) or
-  ``data.num_workers`` processes (`mp_prefetch`, spawn: needs absl flags
-  parsed, 2-3 s to start), in total per host, split over the sources in
-  proportion to their examples per batch. Threads suffice for uint8
-  decode+resize (cv2 and simplejpeg release the GIL); see
-  ``benchmarks/input_pipeline.py``.
+  file). Lenient mode turns bad records into skip markers, which `Account`
+  drops before batching. Every element's metadata (skip, truncation counts of
+  `PadToSpec`, epoch) travels in the batch (``_report``) to `Settle`, which
+  runs in the main process -- also when the rest runs in worker processes --,
+  counts it in `PipelineStats` and logs a report at the end of every epoch of
+  every source. Counts are not part of the iterator state (after a resume
+  they count from zero).
+* **Parallelism.** ``data.num_threads`` reader threads per process
+  (`grain.ReadOptions`, split over the sources by their examples per batch)
+  and/or ``data.num_workers`` processes (`mp_prefetch`, spawn: needs absl
+  flags parsed, seconds to start), each running the *whole* pipeline on its
+  slice of every source and handing over finished batches. With workers the
+  batch order depends on their number (each worker fills whole batches from
+  its slice); composition and coverage do not. Measured on a 16-core host
+  (``benchmarks/input_pipeline.py``, 128 px canvas): one core reaches
+  ~55-65% of a bare simplejpeg+cv2 decode+resize, i.e. the Python of the
+  transforms costs about as much as decoding; threads stop at ~650
+  examples/s because that Python holds the GIL, so use workers to go beyond.
 """
 
 from __future__ import annotations
@@ -99,6 +109,7 @@ from omnitrain_jax.vocab import tokenizer as tokenizer_lib
 from omnitrain_jax.vocab import vocabulary as vocabulary_lib
 
 META = transforms.META
+REPORT = candidates_lib.REPORT
 
 # Bump when the vocabulary cache key must change (builder behaviour).
 _VOCAB_CACHE_VERSION = 1
@@ -477,7 +488,16 @@ class PipelineStats:
 
   def record(self, element: Mapping[str, Any]) -> None:
     """Counts one element's skip / truncations; reports finished epochs."""
-    meta = element[META]
+    self.record_meta(element[META])
+
+  def record_report(self, report: Mapping[str, Any]) -> None:
+    """Records a batch's ``_report`` (see `StackStreams`, `Settle`)."""
+    for meta in report.get("metas", ()):
+      self.record_meta(meta)
+    self.candidates.add(report.get("candidates", {}))
+
+  def record_meta(self, meta: Mapping[str, Any]) -> None:
+    """Counts one element's ``_meta`` (skip, truncations, epoch)."""
     source, epoch = meta["source"], meta["epoch"]
     with self._lock:
       last = self._epoch.setdefault(source, epoch)
@@ -491,7 +511,7 @@ class PipelineStats:
         self._counts[(source, k)] += v
         per_epoch[k] += v
     if meta["skip"] is not None:
-      self.skips.add(source, transforms.skip_error(element))
+      self.skips.add(source, errors.DataError(*meta["skip"]))
 
   def _report_epoch(self, source: str, epoch: int) -> None:
     counts = dict(sorted(self._epoch_counts.pop(source, {}).items()))
@@ -519,19 +539,38 @@ class PipelineStats:
     return "\n".join(lines)
 
 
-class Account(grain.transforms.Filter):
-  """Main-process filter: records stats, drops skip markers (before batching).
+class Ledger:
+  """Metadata of the elements taken into the batch being assembled.
 
-  Not picklable on purpose (it holds the stats' lock): it must run after
-  `mp_prefetch`, in the process that owns the stats.
+  `Account` adds each element's ``_meta`` before batching; `StackStreams`
+  moves them into the batch (``_report``); `Settle`, in the main process,
+  hands them to `PipelineStats`. Going through the batch lets the counting
+  survive `mp_prefetch`: the filter and the batching run in worker processes,
+  whose memory the main process cannot see. One iterator at a time per
+  dataset object (two interleaved iterators would mix their entries; the
+  counts stay right, only their batch attribution moves).
   """
 
-  def __init__(self, stats: PipelineStats):
-    self.stats = stats
+  def __init__(self):
+    self._metas = []
+
+  def add(self, meta: dict) -> None:
+    self._metas.append(meta)
+
+  def drain(self) -> list[dict]:
+    metas, self._metas = self._metas, []
+    return metas
+
+
+class Account(grain.transforms.Filter):
+  """Drops skip markers before batching; notes every element in the ledger."""
+
+  def __init__(self, ledger: Ledger):
+    self.ledger = ledger
 
   def filter(self, element) -> bool:
     if META in element:
-      self.stats.record(element)
+      self.ledger.add(element[META])
     return not transforms.is_skipped(element)
 
 
@@ -552,12 +591,32 @@ class StackStreams(grain.transforms.Map):
 
   Streams are "batched" as lists and stacked here once: stacking each stream
   and concatenating after would copy every image twice (at 768 px that is
-  1.7 MB per example, a visible share of the pipeline's time).
+  1.7 MB per example, a visible share of the pipeline's time). The ledger's
+  entries ride along in ``_report`` until `Settle`.
   """
+
+  def __init__(self, ledger: Ledger | None = None):
+    self.ledger = ledger
 
   def map(self, parts):
     examples = [ex for part in parts for ex in part]
-    return {k: np.stack([ex[k] for ex in examples]) for k in examples[0]}
+    batch = {k: np.stack([ex[k] for ex in examples]) for k in examples[0]}
+    if self.ledger is not None:
+      batch[REPORT] = {"metas": self.ledger.drain()}
+    return batch
+
+
+class Settle(grain.transforms.Map):
+  """Main process: moves a batch's ``_report`` into `PipelineStats`."""
+
+  def __init__(self, stats: PipelineStats):
+    self.stats = stats
+
+  def map(self, batch):
+    report = batch.pop(REPORT, None)
+    if report is not None:
+      self.stats.record_report(report)
+    return batch
 
 
 class EvalFill(grain.transforms.Map):
@@ -691,7 +750,7 @@ def make_train_dataset(config: Any, info: DataInfo, *,
   stats = stats if stats is not None else PipelineStats()
   chain = _chain(config, info, train=True)
 
-  # (stream, source) -> examples per batch, to split threads/workers.
+  # (stream, source) -> examples per batch, to split the reader threads.
   load = {}
   for stream in schema.STREAMS:
     if shares[stream]:
@@ -700,8 +759,8 @@ def make_train_dataset(config: Any, info: DataInfo, *,
       for name, s in specs.items():
         load[(stream, name)] = shares[stream] * s.weight / total_w
   threads = _split_parallelism(config.num_threads, load)
-  workers = _split_parallelism(config.num_workers, load)
 
+  ledger = Ledger()
   parts = []
   for stream in schema.STREAMS:
     if not shares[stream]:
@@ -721,12 +780,7 @@ def make_train_dataset(config: Any, info: DataInfo, *,
           num_threads=threads[(stream, name)],
           prefetch_buffer_size=config.prefetch_buffer_size
           if threads[(stream, name)] else 0))
-      if workers[(stream, name)]:
-        it = it.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=workers[(stream, name)],
-            per_worker_buffer_size=config.per_worker_buffer_size),
-                            worker_init_fn=_init_worker)
-      per_source[name] = it.filter(Account(stats))
+      per_source[name] = it.filter(Account(ledger))
       weights[name] = spec.weight
     if len(per_source) == 1:
       sds = next(iter(per_source.values()))
@@ -736,12 +790,20 @@ def make_train_dataset(config: Any, info: DataInfo, *,
                                      batch_fn=_as_list)
     parts.append(sds)
 
-  ds = grain.experimental.ZipIterDataset(parts).map(StackStreams())
+  ds = grain.experimental.ZipIterDataset(parts).map(StackStreams(ledger))
   ds = ds.random_map(
-      candidates_lib.candidates_from_config(config, info.vocab,
-                                            stats.candidates),
+      candidates_lib.candidates_from_config(config, info.vocab),
       seed=derive_seed(config.seed, "candidates", pi))
-  if config.prefetch_batches:
+  if config.num_workers:
+    # Whole batches cross the process boundary: one transfer per batch
+    # rather than a dozen shared-memory arrays per example, which capped
+    # per-example worker prefetch at ~450 examples/s on 16 cores.
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=config.num_workers,
+        per_worker_buffer_size=config.per_worker_buffer_size),
+                        worker_init_fn=_init_worker)
+  ds = ds.map(Settle(stats))
+  if config.prefetch_batches and not config.num_workers:
     ds = grain.experimental.ThreadPrefetchIterDataset(
         ds, prefetch_buffer_size=config.prefetch_batches)
   return ds
