@@ -75,11 +75,14 @@ def get_data_config(arg: str | None = None) -> ml_collections.ConfigDict:
   ))
   data.strict = True  # False: skip and count bad records.
   data.seed = 0
-  data.num_threads = 0 if tiny else 4  # In-process reader threads (total).
-  data.prefetch_buffer_size = 64
-  data.num_workers = 0  # Worker processes (total); 0 = none.
-  data.per_worker_buffer_size = 2
-  data.prefetch_batches = 0 if tiny else 2  # Thread prefetch of batches.
+  # Parallelism per host (benchmarks/input_pipeline.py has measurements):
+  # reader threads (GIL-bound at ~650 examples/s) and/or worker processes,
+  # each running the whole pipeline and handing over finished batches.
+  data.num_threads = 0 if tiny else 4
+  data.prefetch_buffer_size = 64  # Examples read ahead per process.
+  data.num_workers = 0
+  data.per_worker_buffer_size = 2  # Batches buffered per worker.
+  data.prefetch_batches = 0 if tiny else 2  # Thread prefetch (no workers).
   return data
 
 
