@@ -62,9 +62,11 @@ def get_data_config(arg: str | None = None) -> ml_collections.ConfigDict:
   data.augment = ml_collections.ConfigDict(dict(
       enabled=True,
       crop_prob=0.5,
-      # Mild: grounding position words ("left") are absolute in ShapesWorld.
       crop_min_scale=0.7,
       flip_prob=0.5,
+      # ShapesWorld's position words are absolute thirds of the image, which a
+      # crop can falsify even when it keeps every referent: no grd crops.
+      grd_crop_prob=0.0,
   ))
   data.min_box_size = 1.0  # Canvas pixels; smaller boxes after a crop drop.
   data.candidates = ml_collections.ConfigDict(dict(

@@ -700,7 +700,8 @@ def _chain(config: Any, info: DataInfo, *, train: bool) -> list[Any]:
     augment = transforms.AugmentConfig(
         crop_prob=config.augment.crop_prob,
         crop_min_scale=config.augment.crop_min_scale,
-        flip_prob=config.augment.flip_prob)
+        flip_prob=config.augment.flip_prob,
+        grd_crop_prob=config.augment.get("grd_crop_prob", None))
   return transforms.example_transforms(
       info.spec, encoder=info.tokenizer, augment=augment,
       mirror=np.asarray(info.vocab.mirror_map()), strict=config.strict,

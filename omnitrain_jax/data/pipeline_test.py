@@ -1,5 +1,6 @@
 """Tests of the grain pipeline on the tiny ShapesWorld config."""
 
+import concurrent.futures
 import importlib.util
 import json
 import os
@@ -54,6 +55,18 @@ def test_prepare_data_caches_and_builds_vocab(prepared):
                                        data.cache_dir)
   data.shapes_world.seed = 0
   assert other != info.root
+
+
+def test_concurrent_generation_is_safe(tmp_path):
+  params = dict(num_images=6, num_val_images=2, image_size=32, seed=3)
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    roots = list(pool.map(
+        lambda _: pipeline.ensure_shapes_world(params, str(tmp_path)),
+        range(2)))
+  assert roots[0] == roots[1]
+  assert os.path.exists(os.path.join(roots[0], "shapes_world.json"))
+  # The loser's temporary folder is gone; only the dataset remains.
+  assert os.listdir(tmp_path) == [os.path.basename(roots[0])]
 
 
 def test_every_batch_has_exact_composition_and_shapes(prepared):

@@ -447,13 +447,22 @@ class AugmentConfig:
       side (each side drawn independently in [crop_min_scale, 1], so the
       aspect ratio varies too).
     flip_prob: probability of a horizontal flip.
+    grd_crop_prob: crop probability of grounding examples (None: crop_prob).
+      Crops keep every referent whole, but a phrase with an *absolute*
+      position word ("the circle on the left" meaning the left third of the
+      image, as in ShapesWorld) can become false when the crop shifts the
+      frame; set 0 for such data. Flips are always safe (the mirror map swaps
+      the words).
   """
   crop_prob: float = 0.5
   crop_min_scale: float = 0.5
   flip_prob: float = 0.5
+  grd_crop_prob: float | None = None
 
   def __post_init__(self):
-    for name in ("crop_prob", "flip_prob"):
+    for name in ("crop_prob", "flip_prob", "grd_crop_prob"):
+      if getattr(self, name) is None:
+        continue
       if not 0.0 <= getattr(self, name) <= 1.0:
         raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1].")
     if not 0.0 < self.crop_min_scale <= 1.0:
@@ -491,7 +500,10 @@ class RandomCropFlip(_ExampleRandomMap):
     cfg = self.config
     image, boxes = ex["image"], ex["boxes"]
     h, w = image.shape[:2]
-    if rng.random() < cfg.crop_prob:
+    crop_prob = cfg.crop_prob
+    if ex["stream"] == "grd" and cfg.grd_crop_prob is not None:
+      crop_prob = cfg.grd_crop_prob
+    if rng.random() < crop_prob:
       keep = None
       if len(boxes) and ex["stream"] == "grd":
         keep = np.concatenate([boxes[:, :2].min(0), boxes[:, 2:].max(0)])

@@ -221,6 +221,20 @@ def test_grounding_crop_keeps_every_referent_whole():
                                atol=0.6)
 
 
+def test_grd_crop_prob_overrides_crop_prob():
+  spec = schema.Spec(image_size=100)
+  no_grd_crop = transforms.AugmentConfig(crop_prob=1.0, crop_min_scale=0.2,
+                                         flip_prob=0.0, grd_crop_prob=0.0)
+  plain = transforms.apply_chain(chain(spec), grd_record())
+  for seed in range(5):
+    ex = transforms.apply_chain(chain(spec, no_grd_crop), grd_record(),
+                                np.random.default_rng(seed))
+    np.testing.assert_array_equal(ex["image"], plain["image"])
+    det = transforms.apply_chain(chain(spec, no_grd_crop), det_record(),
+                                 np.random.default_rng(seed))
+    assert det["scale"] > 0.5  # det is still cropped (then magnified).
+
+
 def test_padding_truncates_and_counts():
   spec = schema.Spec(image_size=32, max_boxes=2, max_box_tokens=1,
                      max_caption_tokens=2, max_neg_tokens=1)
