@@ -347,7 +347,9 @@ class Tokenize(_ExampleMap):
             _record_file(ex), _record_name(ex),
             f"grounding record has {n} boxes but {len(texts)} box_texts and no "
             "box_spans", "give each box its phrase (box_texts) or its spans")
-      return [self._text_ids(t) for t in texts]
+      # Free-text phrases: not cached (they rarely repeat).
+      return [_unique(ids_and_spans(self.encoder.encode(t))[0])
+              for t in texts]
     if len(box_spans) != n:
       raise errors.DataError(
           _record_file(ex), _record_name(ex),
