@@ -27,6 +27,24 @@ not the pipeline.
 Plus ``anchor``: the one-core baseline on synthetic 640x480 JPEGs, the setup
 of FACTS.md's "about 600 img/s per core" (simplejpeg + cv2 to 768^2).
 
+Measured (2026-11-29, one 16-core x86 host of an H200 machine, Python 3.12,
+other jobs running: load average 10-13, so read +-30%; --num_images=1000
+--seconds=2 --streams=det,mixed; examples/s):
+
+  ==========  ====================  =========  =========  ==========
+  canvas S    bare decode+resize    one core   16 thr.    16 workers
+              (1 core / 16 thr.)    det/mixed  det/mixed  det/mixed
+  ==========  ====================  =========  =========  ==========
+  128         358 / 4,427           324 / 379  667 / 627  2,757 / 3,542
+  768         443 / 2,655           265 / 300  594 / 561  1,928 / 1,430
+  ==========  ====================  =========  =========  ==========
+
+An earlier run (same host, load ~4-11) had one core at 314-399 (128) and
+285-357 (768) with baselines 592 and 488: the one-core pipeline costs about
+1.5-2x bare decoding. Threads are capped by the GIL (the transforms' Python,
+~1.5 ms per example); worker processes scale. The 2-core development machine
+(shared by ~6 people) gives numbers too noisy to quote.
+
 Prints one JSON object on stdout (progress on stderr). Rates are from a
 machine shared with other jobs unless you know otherwise: read them as
 rough, and compare ratios rather than absolute numbers. cv2 is limited to one

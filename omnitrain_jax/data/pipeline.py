@@ -73,10 +73,15 @@ Design decisions:
   slice of every source and handing over finished batches. With workers the
   batch order depends on their number (each worker fills whole batches from
   its slice); composition and coverage do not. Measured on a 16-core host
-  (``benchmarks/input_pipeline.py``, 128 px canvas): one core reaches
-  ~55-65% of a bare simplejpeg+cv2 decode+resize, i.e. the Python of the
-  transforms costs about as much as decoding; threads stop at ~650
-  examples/s because that Python holds the GIL, so use workers to go beyond.
+  (``benchmarks/input_pipeline.py``; 480 px JPEGs; other jobs were running,
+  so +-30%): one core gives 265-380 examples/s, 60-100% of a bare
+  simplejpeg+cv2 decode+resize on one core; 16 threads stop at ~600-670
+  (the transforms' Python holds the GIL); 16 workers give 2,760 (det) /
+  3,540 (mixed) examples/s at 128 px and 1,930 / 1,430 at 768 px, 55-80% of
+  16 threads of bare decode+resize. An earlier design with workers per
+  source handing over single examples (a dozen shared-memory arrays each)
+  stopped at ~450 examples/s. So: threads for small runs, workers to feed
+  an accelerator.
 """
 
 from __future__ import annotations
