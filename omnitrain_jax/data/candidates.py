@@ -42,7 +42,8 @@ counted (``known_negatives_dropped``).
 Determinism: the transform is a grain ``RandomMap`` applied to the batched
 iterator, whose generator is seeded from the pipeline seed and the step
 (element counter) and saved with the iterator state, so a resumed run draws
-the same candidates.
+the same candidates (with worker processes each worker counts its own
+batches: the draws depend on the worker count, as the batch order does).
 """
 
 from __future__ import annotations

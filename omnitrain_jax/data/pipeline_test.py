@@ -105,19 +105,24 @@ def test_batch_counts_must_divide_by_processes(prepared):
     pipeline.make_train_dataset(data, info, process_index=0, process_count=3)
 
 
-def test_iterator_state_restores_exactly(prepared):
+@pytest.mark.parametrize("threads,prefetch", [(0, 0), (2, 2)])
+def test_iterator_state_restores_exactly(prepared, threads, prefetch):
   data, info = prepared
-  ds = pipeline.make_train_dataset(data, info, process_index=0,
-                                   process_count=1)
-  it = iter(ds)
-  take(it, 5)
-  state = it.get_state()
-  json.dumps(state)  # Checkpointable as JSON (grain.checkpoint).
-  expected = take(it, 3)
-  fresh = iter(pipeline.make_train_dataset(data, info, process_index=0,
-                                           process_count=1))
-  fresh.set_state(state)
-  for a, b in zip(expected, take(fresh, 3)):
+  data.num_threads, data.prefetch_batches = threads, prefetch
+  try:
+    it = iter(pipeline.make_train_dataset(data, info, process_index=0,
+                                          process_count=1))
+    take(it, 5)
+    state = it.get_state()
+    json.dumps(state)  # Checkpointable as JSON (grain.checkpoint).
+    expected = take(it, 3)
+    fresh = iter(pipeline.make_train_dataset(data, info, process_index=0,
+                                             process_count=1))
+    fresh.set_state(state)
+    got = take(fresh, 3)
+  finally:
+    data.num_threads, data.prefetch_batches = 0, 0
+  for a, b in zip(expected, got):
     for k in a:
       np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
