@@ -217,6 +217,12 @@ def test_from_config_and_errors():
   with pytest.raises(ValueError, match="vocab_size"):
     omnidet.OmniDet(**{**TINY, "vocab_size": 0}).init(
         jax.random.key(0), images, candidates, train=False)
+  with pytest.raises(ValueError, match="Unknown attention_impl"):
+    omnidet.OmniDet(**TINY, attention_impl="flash").apply(
+        variables, images, candidates, train=False)
+  with pytest.raises(ValueError, match="Unknown remat_policy"):
+    omnidet.OmniDet(**TINY, remat=True, remat_policy="all").apply(
+        variables, images, candidates, train=False)
   with pytest.raises(ValueError, match="multiple of the patch"):
     _ = omnidet.OmniDet(**{**TINY, "image_size": 70}).grid
 
