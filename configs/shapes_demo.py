@@ -15,6 +15,8 @@ Variants: ``None`` (default, 128 px, 16 = 8 det + 4 grd + 4 img) and ``tiny``
 
 import ml_collections
 
+from omnitrain_jax import config_lib
+
 
 def get_data_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The ``config.data`` section (input pipeline; see data/pipeline.py)."""
@@ -44,7 +46,9 @@ def get_data_config(arg: str | None = None) -> ml_collections.ConfigDict:
   data.vocab = ml_collections.ConfigDict(dict(
       path="",  # "": build from the training annotations (cached).
       max_size=1000,
-      split_categories=False,  # ShapesWorld names split by the builder's rule.
+      # Always split colour-shape names into their tokens: the open-vocabulary
+      # split is by token (`star`), so `red star` must not be one concept.
+      split_categories=True,
       min_count=1,
   ))
   # Examples of each stream in every global batch (divisible by processes).
@@ -98,6 +102,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # --------------------------------------------------------------- data ---
   config.data = get_data_config(arg)
   # ------------------------------------------------------ model / train ---
-  # (model, train and eval sections are added here by the trainer's owner.)
+  tiny = arg == "tiny"
+  if tiny:  # Seconds per step on a CPU: a 2-block ViT of width 32.
+    model = config_lib.model_config("Ti/16", config.data.spec.image_size,
+                                    width=32, depth=2, num_heads=2, mlp_dim=64)
+  else:  # A small ViT that learns ShapesWorld on 2 CPU cores in minutes.
+    model = config_lib.model_config("Ti/16", config.data.spec.image_size,
+                                    width=128, depth=4, num_heads=4, mlp_dim=512)
+  config_lib.add_training_sections(
+      config, total_steps=6 if tiny else 2000,
+      batch_size=sum(config.data.batch.values()), model=model)
+  # From scratch (no pretrained backbone): the backbone trains at full rate.
+  config.optimizer.backbone_lr_multiplier = 1.0
+  config.optimizer.learning_rate = 1e-3 if tiny else 5e-4
+  if tiny:
+    config.checkpoint_every_steps = 3
+    config.log_every_steps = 1
   config.lock()
   return config

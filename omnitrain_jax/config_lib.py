@@ -11,7 +11,11 @@ sum of ``data.batch``), ``checkpoint_every_steps``, ``log_every_steps``,
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
+
+from omnitrain_jax.losses import omni_loss
 
 
 def model_config(variant: str = "B/16", image_size: int = 768, **overrides):
@@ -45,19 +49,10 @@ def add_training_sections(config: ml_collections.ConfigDict, *,
   config.batch_size = batch_size
   config.seed = config.get("seed", 0)
 
-  # One loss, three matching rules (omnitrain_jax/losses/omni_loss.py). The
-  # defaults there are DETR-family values (focal alpha 0.25, gamma 2; class /
-  # L1 / GIoU 2 / 5 / 2, as Deformable DETR) and MDETR's grounding weight 1.
-  config.loss = ml_collections.ConfigDict(dict(
-      focal_alpha=0.25, focal_gamma=2.0,
-      cost_class=2.0, grd_cost_class=1.0, cost_l1=5.0, cost_giou=2.0,
-      det_token_weight=2.0, grd_token_weight=1.0, l1_weight=5.0, giou_weight=2.0,
-      det_weight=1.0, grd_weight=1.0, img_weight=1.0,
-      img_image_weight=1.0, img_region_weight=1.0, img_region_pool="logsumexp",
-      img_region_temperature=1.0, img_region_neg_weight=1.0,
-      grd_softmax="candidates",
-      matcher="jax",  # In-graph exact Hungarian; "scipy" = host callback.
-  ))
+  # One loss, three matching rules: every field of `LossConfig`, with its
+  # defaults (and where they come from) declared once, in losses/omni_loss.py.
+  config.loss = ml_collections.ConfigDict(
+      dataclasses.asdict(omni_loss.LossConfig()))
 
   # AdamW + warmup/cosine (omnitrain_jax/optim.py). OWL-ViT fine-tunes its
   # image tower at a lower rate than the heads; big_vision ViT recipes clip

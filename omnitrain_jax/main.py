@@ -7,6 +7,7 @@ e.g. ``--config.total_steps=1000``; the config is locked, so a mistyped field
 fails instead of being silently added.
 """
 
+import logging as pylogging
 import os
 
 from absl import app
@@ -47,9 +48,18 @@ def initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
+class _QuietLibraries(pylogging.Filter):
+  """Drops INFO lines of orbax and grain (dozens per checkpoint); keeps warnings."""
+
+  def filter(self, record):
+    return record.levelno > pylogging.INFO or not any(
+        f"/{lib}/" in record.pathname for lib in ("orbax", "grain"))
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   initialize_distributed()
   logging.info("JAX process %d / %d, local devices %s", jax.process_index(),
                jax.process_count(), jax.local_devices())

@@ -61,7 +61,7 @@ def build_model(config, vocab_size: int) -> omnidet.OmniDet:
 
 
 def loss_config(config) -> omni_loss_lib.LossConfig:
-  return omni_loss_lib.LossConfig(**config.loss.to_dict())
+  return omni_loss_lib.LossConfig.from_config(config.loss)
 
 
 def check_config(config) -> None:
@@ -97,11 +97,18 @@ class Setup:
   info: pipeline.DataInfo
 
 
-def setup(config, *, info: pipeline.DataInfo | None = None) -> Setup:
-  """Mesh, data info, model, optimizer, shardings and the jitted functions."""
+def setup(config, *, info: pipeline.DataInfo | None = None,
+          devices=None) -> Setup:
+  """Mesh, data info, model, optimizer, shardings and the jitted functions.
+
+  Args:
+    config: the full config.
+    info: `pipeline.prepare_data(config.data)` if already made.
+    devices: the devices of the mesh (default: all).
+  """
   check_config(config)
   # ------------------------------------------------------------------ mesh
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh, devices)
   sharding.check_batch_size(config.batch_size, mesh)
   rules = partitioning.get_rules(config.logical_rules)
   # ------------------------------------------------------------------ data
@@ -145,6 +152,13 @@ def _with_rules(fn, rules):
     with nn.logical_axis_rules(tuple(map(tuple, rules))):
       return fn(*args, **kwargs)
   return wrapped
+
+
+def batch_fingerprint(local_batch) -> float:
+  """A number that changes when the batch's images or their order change."""
+  ids = np.asarray(local_batch["image_id"], np.int64).ravel()
+  weights = np.arange(1, ids.size + 1, dtype=np.int64)
+  return float((ids * weights).sum() % 1_000_003)
 
 
 def _mean_metrics(history: list[dict[str, jax.Array]]) -> dict[str, float]:
@@ -252,7 +266,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       local = next(train_iter)
       batch = sharding.host_to_global(local, s.mesh)
       state, metrics = s.train_step(state, batch)
-      history.append(metrics)
+      # Which examples this step saw (resume tests compare it step by step).
+      history.append({**metrics, "data/fingerprint": batch_fingerprint(local)})
       step += 1
       stop = guard.should_stop(step)
       at_end = step == config.total_steps
