@@ -229,23 +229,27 @@ def _scipy_lsa(cost, nv):
 
 
 class _State(NamedTuple):
-  """Loop state; R = targets (augmented side), C = predictions (+ dummies)."""
-  col4row: jax.Array  # [B, R] int32, prediction of each target or -1
-  row4col: jax.Array  # [B, C] int32, target of each prediction or -1
-  u: jax.Array  # [B, R] target duals
-  v: jax.Array  # [B, C] prediction duals (<= 0; 0 on free predictions)
-  d: jax.Array  # [B, C] shortest-path distances of the current search
-  path: jax.Array  # [B, C] int32, predecessor target of each prediction
-  sc: jax.Array  # [B, C] bool, predictions scanned in the current search
-  sr: jax.Array  # [B, R] bool, targets reached in the current search
+  """Loop state. T = targets (augmented one by one), P = prediction slots."""
+  pred_of: jax.Array  # [B, T] int32, prediction matched to each target or -1
+  tgt_of: jax.Array  # [B, P] int32, target matched to each prediction or -1
+  u: jax.Array  # [B, T] target duals
+  v: jax.Array  # [B, P] prediction duals (<= 0; 0 on free predictions)
+  d: jax.Array  # [B, P] shortest-path distances of the current search
+  path: jax.Array  # [B, P] int32, predecessor target of each prediction
+  sc: jax.Array  # [B, P] bool, predictions scanned in the current search
+  sr: jax.Array  # [B, T] bool, targets reached in the current search
   cur: jax.Array  # [B] int32, free target being augmented
-  i: jax.Array  # [B] int32, target whose row is scanned next
+  i: jax.Array  # [B] int32, target whose costs are scanned next
   min_val: jax.Array  # [B] distance of the last scanned prediction
-  bt_j: jax.Array  # [B] int32, current prediction while flipping the path
+  bt_p: jax.Array  # [B] int32, current prediction while flipping the path
   phase: jax.Array  # [B] int32, _SEARCH, _FLIP or _DONE
 
 
 _SEARCH, _FLIP, _DONE = 0, 1, 2
+
+# Targets per step of the greedy initialisation. A [B, P, 16] float32 slice
+# reads one 64-byte cache line per prediction row.
+_INIT_CHUNK = 16
 
 
 def _take(x, idx):
@@ -254,64 +258,122 @@ def _take(x, idx):
   return jnp.take_along_axis(x, idx[:, None], axis=1)[:, 0]
 
 
-def _start_next(s, start, row_active, num_cols):
-  """For examples with `start`, begin augmenting the next free target."""
-  free = row_active & (s.col4row < 0)  # [B, R]
-  has_next = jnp.any(free, axis=1)
-  nxt = jnp.argmax(free, axis=1).astype(jnp.int32)
-  r = row_active.shape[1]
-  s2 = start[:, None]
-  return s._replace(
-      phase=jnp.where(start, jnp.where(has_next, _SEARCH, _DONE), s.phase),
-      cur=jnp.where(start, nxt, s.cur),
-      i=jnp.where(start, nxt, s.i),
-      min_val=jnp.where(start, 0, s.min_val).astype(s.min_val.dtype),
-      d=jnp.where(s2, jnp.inf, s.d).astype(s.d.dtype),
-      # Every column's predecessor starts at the root, so the path flip ends
-      # at `cur` even for columns never relaxed (possible with NaN/inf costs).
-      path=jnp.where(s2, nxt[:, None], s.path),
-      sc=s.sc & ~s2,
-      sr=jnp.where(s2, jnp.arange(r)[None] == nxt[:, None], s.sr))
+def _first(mask, axis):
+  """Index of the first True along `axis` (its size if none).
+
+  A min over a masked iota: XLA:CPU vectorises it, unlike argmax/argmin,
+  which lower to a slower variadic reduction.
+  """
+  n = mask.shape[axis]
+  shape = [1] * mask.ndim
+  shape[axis] = n
+  iota = jnp.arange(n, dtype=jnp.int32).reshape(shape)
+  return jnp.min(jnp.where(mask, iota, n), axis=axis)
 
 
-def _solve(ct, num_rows, num_cols):
-  """Assigns every active row of ct to a distinct active column.
+def _greedy_init(cost, num_tgt, pred_active):
+  """Row reduction and greedy matching, one chunk of targets at a time.
+
+  u[t] = min_p cost[p, t] (with v = 0) is dual feasible; a target takes its
+  argmin prediction when that prediction is free and no lower-indexed target
+  of its chunk wants it, which keeps every matched edge tight. Only
+  ceil(max(num_tgt) / chunk) chunks are read, so padded targets cost nothing.
 
   Args:
-    ct: `[B, R, C]` costs; row r of example b is active iff r < num_rows[b],
-      column c iff c < num_cols[b]; requires num_rows <= num_cols.
-    num_rows: int32 `[B]`.
-    num_cols: int32 `[B]`.
+    cost: `[B, P, T]` costs.
+    num_tgt: int32 `[B]` valid targets (a prefix of T).
+    pred_active: bool `[B, P]` valid predictions.
 
   Returns:
-    col4row: int32 `[B, R]`, the column of each active row, -1 on inactive rows.
+    (pred_of [B, T], tgt_of [B, P], u [B, T]).
   """
-  bsz, r, c = ct.shape
-  dtype = ct.dtype
+  bsz, npred, ntgt = cost.shape
+  chunk = min(ntgt, _INIT_CHUNK)
+  bidx = jnp.arange(bsz)[:, None]
+  ids = jnp.arange(chunk, dtype=jnp.int32)
+  earlier = ids[None, :] < ids[:, None]  # [t, t']: t' < t
+  num_chunks = (jnp.max(num_tgt) + chunk - 1) // chunk
+
+  def body(c, carry):
+    pred_of, tgt_of, u = carry
+    # Clamped so the slice stays in bounds; an overlap with the previous
+    # chunk is harmless (its targets are matched or their argmin is taken).
+    t0 = jnp.minimum(c * chunk, ntgt - chunk)
+    sub = lax.dynamic_slice_in_dim(cost, t0, chunk, axis=2)  # [B, P, c]
+    sub = jnp.where(pred_active[:, :, None], sub, jnp.inf)
+    mn = jnp.min(sub, axis=1)  # [B, c]
+    best = _first(sub == mn[:, None, :], axis=1)  # [B, c]; P if NaN
+    tid = t0 + ids  # [c]
+    t_valid = tid[None] < num_tgt[:, None]  # [B, c]
+    old = lax.dynamic_slice_in_dim(pred_of, t0, chunk, axis=1)  # [B, c]
+    cand = (t_valid & (old < 0) & (best < npred)
+            & (jnp.take_along_axis(tgt_of, jnp.minimum(best, npred - 1),
+                                   axis=1) < 0))
+    clash = (best[:, :, None] == best[:, None, :]) & cand[:, None, :]
+    win = cand & ~jnp.any(clash & earlier[None], axis=2)  # [B, c]
+    pred_of = lax.dynamic_update_slice_in_dim(
+        pred_of, jnp.where(win, best, old), t0, axis=1)
+    tgt_of = tgt_of.at[bidx, jnp.where(win, best, npred)].set(
+        jnp.broadcast_to(tid, win.shape), mode="drop")
+    u = lax.dynamic_update_slice_in_dim(
+        u, jnp.where(t_valid, mn, 0).astype(u.dtype), t0, axis=1)
+    return pred_of, tgt_of, u
+
+  init = (jnp.full((bsz, ntgt), -1, jnp.int32),
+          jnp.full((bsz, npred), -1, jnp.int32),
+          jnp.zeros((bsz, ntgt), cost.dtype))
+  return lax.fori_loop(0, num_chunks, body, init)
+
+
+def _start_next(s, start, tgt_active):
+  """For examples with `start`, begin augmenting the next free target."""
+  nxt = _first(tgt_active & (s.pred_of < 0), axis=1)  # [B]; T if none
+  ntgt = tgt_active.shape[1]
+  st = start[:, None]
+  nxt_c = jnp.minimum(nxt, ntgt - 1)
+  return s._replace(
+      phase=jnp.where(start, jnp.where(nxt < ntgt, _SEARCH, _DONE), s.phase),
+      cur=jnp.where(start, nxt_c, s.cur),
+      i=jnp.where(start, nxt_c, s.i),
+      min_val=jnp.where(start, 0, s.min_val).astype(s.min_val.dtype),
+      d=jnp.where(st, jnp.inf, s.d).astype(s.d.dtype),
+      # Every prediction's predecessor starts at the root, so the path flip
+      # ends at `cur` even for predictions never relaxed (NaN/inf costs).
+      path=jnp.where(st, nxt_c[:, None], s.path),
+      sc=s.sc & ~st,
+      sr=jnp.where(st, jnp.arange(ntgt)[None] == nxt_c[:, None], s.sr))
+
+
+def _solve(cost, num_tgt, num_pred):
+  """Matches every valid target (column) of `cost` to a distinct prediction.
+
+  Args:
+    cost: `[B, P, T]`; target t of example b is valid iff t < num_tgt[b],
+      prediction p iff p < num_pred[b]; requires num_tgt <= num_pred.
+    num_tgt: int32 `[B]`.
+    num_pred: int32 `[B]`.
+
+  Returns:
+    pred_of: int32 `[B, T]`, the prediction of each valid target, else -1.
+  """
+  bsz, npred, ntgt = cost.shape
+  dtype = cost.dtype
   bidx = jnp.arange(bsz)
-  row_ids = jnp.arange(r, dtype=jnp.int32)
-  col_ids = jnp.arange(c, dtype=jnp.int32)
-  row_active = row_ids[None] < num_rows[:, None]  # [B, R]
-  col_active = col_ids[None] < num_cols[:, None]  # [B, C]
+  tgt_ids = jnp.arange(ntgt, dtype=jnp.int32)
+  pred_ids = jnp.arange(npred, dtype=jnp.int32)
+  tgt_active = tgt_ids[None] < num_tgt[:, None]  # [B, T]
+  pred_active = pred_ids[None] < num_pred[:, None]  # [B, P]
 
-  # Row reduction + greedy claims (lowest row index wins a contested column).
-  masked = jnp.where(col_active[:, None, :], ct, jnp.inf)  # [B, R, C]
-  u = jnp.where(row_active, jnp.min(masked, axis=2), 0).astype(dtype)  # [B, R]
-  best = jnp.argmin(masked, axis=2).astype(jnp.int32)  # [B, R]
-  claim = jnp.full((bsz, c), r, jnp.int32).at[bidx[:, None], best].min(
-      jnp.where(row_active, row_ids[None], r))  # [B, C]
-  won = row_active & (jnp.take_along_axis(claim, best, axis=1) == row_ids[None])
-  col4row = jnp.where(won, best, -1)
-  row4col = jnp.where(claim < r, claim, -1)
-
+  pred_of, tgt_of, u = _greedy_init(cost, num_tgt, pred_active)
   zeros_b = jnp.zeros((bsz,), jnp.int32)
   s = _State(
-      col4row=col4row, row4col=row4col, u=u, v=jnp.zeros((bsz, c), dtype),
-      d=jnp.full((bsz, c), jnp.inf, dtype), path=jnp.zeros((bsz, c), jnp.int32),
-      sc=jnp.zeros((bsz, c), bool), sr=jnp.zeros((bsz, r), bool),
-      cur=zeros_b, i=zeros_b, min_val=jnp.zeros((bsz,), dtype), bt_j=zeros_b,
+      pred_of=pred_of, tgt_of=tgt_of, u=u, v=jnp.zeros((bsz, npred), dtype),
+      d=jnp.full((bsz, npred), jnp.inf, dtype),
+      path=jnp.zeros((bsz, npred), jnp.int32),
+      sc=jnp.zeros((bsz, npred), bool), sr=jnp.zeros((bsz, ntgt), bool),
+      cur=zeros_b, i=zeros_b, min_val=jnp.zeros((bsz,), dtype), bt_p=zeros_b,
       phase=zeros_b)
-  s = _start_next(s, jnp.ones((bsz,), bool), row_active, num_cols)
+  s = _start_next(s, jnp.ones((bsz,), bool), tgt_active)
 
   def cond(s):
     return jnp.any(s.phase != _DONE)
@@ -319,81 +381,81 @@ def _solve(ct, num_rows, num_cols):
   def body(s):
     # --- One Dijkstra step for examples in _SEARCH. ---
     searching = s.phase == _SEARCH  # [B]
-    crow = ct[bidx, s.i]  # [B, C]
-    red = s.min_val[:, None] + crow - _take(s.u, s.i)[:, None] - s.v  # [B, C]
-    remaining = col_active & ~s.sc  # [B, C]
+    col = cost[bidx, :, s.i]  # [B, P], target i's costs
+    red = s.min_val[:, None] + col - _take(s.u, s.i)[:, None] - s.v  # [B, P]
+    remaining = pred_active & ~s.sc  # [B, P]
     upd = remaining & (red < s.d) & searching[:, None]
     d = jnp.where(upd, red, s.d)
     path = jnp.where(upd, s.i[:, None], s.path)
     dm = jnp.where(remaining, d, jnp.inf)
     lowest = jnp.min(dm, axis=1)  # [B]
     # `~(dm > lowest)` rather than `dm == lowest`: with a NaN cost every
-    # remaining column ties, so each step still scans a new column and the
+    # remaining prediction ties, so each step still scans a new one and the
     # loop terminates.
     tie = remaining & ~(dm > lowest[:, None])
-    free_tie = tie & (s.row4col < 0)
-    has_free = jnp.any(free_tie, axis=1)
-    j = jnp.where(has_free, jnp.argmax(free_tie, axis=1),
-                  jnp.argmax(tie, axis=1)).astype(jnp.int32)  # [B]
+    # The first free tie if any (as scipy: it ends the search early, which
+    # matters with many ties), else the first tie; one reduction for both.
+    key = jnp.min(jnp.where(tie, jnp.where(s.tgt_of < 0, pred_ids,
+                                           npred + pred_ids), 2 * npred),
+                  axis=1)  # [B]
+    has_free = key < npred
+    p = jnp.where(has_free, key, key - npred)
     found = searching & has_free
     step = searching & ~has_free
     min_val = jnp.where(searching, lowest, s.min_val)
-    onehot_j = col_ids[None] == j[:, None]  # [B, C]
-    sc = s.sc | (onehot_j & searching[:, None])
-    i_next = _take(s.row4col, j)
+    sc = s.sc | ((pred_ids[None] == p[:, None]) & searching[:, None])
+    i_next = _take(s.tgt_of, p)
     i = jnp.where(step, i_next, s.i)
-    sr = s.sr | ((row_ids[None] == i_next[:, None]) & step[:, None])
+    sr = s.sr | ((tgt_ids[None] == i_next[:, None]) & step[:, None])
 
-    # --- Dual update where a free column was reached (before the flip). ---
-    is_cur = row_ids[None] == s.cur[:, None]  # [B, R]
-    d_at_row = jnp.take_along_axis(d, jnp.maximum(s.col4row, 0), axis=1)
+    # --- Dual update where a free prediction was reached (before the flip).
+    is_cur = tgt_ids[None] == s.cur[:, None]  # [B, T]
+    d_at = jnp.take_along_axis(d, jnp.maximum(s.pred_of, 0), axis=1)  # [B, T]
     du = jnp.where(is_cur, min_val[:, None],
-                   jnp.where(sr, min_val[:, None] - d_at_row, 0))
+                   jnp.where(sr, min_val[:, None] - d_at, 0))
     u = s.u + jnp.where(found[:, None], du, 0)
     v = s.v - jnp.where(sc & found[:, None], min_val[:, None] - d, 0)
 
     # --- One path-flip step for examples in _FLIP or that just found. ---
     flip = found | (s.phase == _FLIP)
-    bt_j = jnp.where(found, j, s.bt_j)
-    ib = _take(path, bt_j)  # target preceding bt_j on the path
-    row4col = jnp.where((col_ids[None] == bt_j[:, None]) & flip[:, None],
-                        ib[:, None], s.row4col)
-    old = _take(s.col4row, ib)
-    col4row = jnp.where((row_ids[None] == ib[:, None]) & flip[:, None],
-                        bt_j[:, None], s.col4row)
-    finished = flip & (ib == s.cur)
-    phase = jnp.where(flip, _FLIP, s.phase)
-    s = s._replace(col4row=col4row, row4col=row4col, u=u, v=v, d=d, path=path,
+    bt_p = jnp.where(found, p, s.bt_p)
+    t = _take(path, bt_p)  # target preceding bt_p on the path
+    tgt_of = jnp.where((pred_ids[None] == bt_p[:, None]) & flip[:, None],
+                       t[:, None], s.tgt_of)
+    old = _take(s.pred_of, t)
+    pred_of = jnp.where((tgt_ids[None] == t[:, None]) & flip[:, None],
+                        bt_p[:, None], s.pred_of)
+    finished = flip & (t == s.cur)
+    s = s._replace(pred_of=pred_of, tgt_of=tgt_of, u=u, v=v, d=d, path=path,
                    sc=sc, sr=sr, i=i, min_val=min_val,
-                   bt_j=jnp.where(flip, old, bt_j), phase=phase)
-    return _start_next(s, finished, row_active, num_cols)
+                   bt_p=jnp.where(flip, old, bt_p),
+                   phase=jnp.where(flip, _FLIP, s.phase))
+    return _start_next(s, finished, tgt_active)
 
   s = lax.while_loop(cond, body, s)
-  return s.col4row
+  return s.pred_of
 
 
 def _jax_lsa(cost, nv):
-  """Orients the problem (targets augmented), solves, formats the output."""
+  """Pads predictions when N < M, solves, formats the output."""
   b, n, m = cost.shape
-  c = max(n, m)
-  ct = jnp.swapaxes(cost, 1, 2)  # [B, M, N]
-  if c > n:
+  if m > n:
     # Dummy predictions (cost 0) so that all K targets can be matched when
     # K > N; only max(K - N, 0) of them are active.
-    ct = jnp.pad(ct, ((0, 0), (0, 0), (0, c - n)))  # [B, M, C]
-  num_cols = jnp.maximum(nv, n).astype(jnp.int32)
-  col4row = _solve(ct, nv, num_cols)  # [B, M]
-  matched = (col4row >= 0) & (col4row < n)  # [B, M]
+    cost = jnp.pad(cost, ((0, 0), (0, m - n), (0, 0)))  # [B, M, M]
+  num_pred = jnp.maximum(nv, n).astype(jnp.int32)
+  pred_of = _solve(cost, nv, num_pred)  # [B, M]
+  matched = (pred_of >= 0) & (pred_of < n)  # [B, M]
   targets = jnp.arange(m, dtype=jnp.int32)[None]
   if n >= m:
     # Every valid target is matched: the valid pairs are already a prefix.
-    return (jnp.where(matched, col4row, -1),
+    return (jnp.where(matched, pred_of, -1),
             jnp.where(matched, targets, -1).astype(jnp.int32))
   # N < M: compact the matched targets (still in target order) to the front.
   pos = jnp.where(matched, jnp.cumsum(matched, axis=1) - 1, n)  # [B, M]
   bidx = jnp.arange(b)[:, None]
   row_ind = jnp.full((b, n), -1, jnp.int32).at[bidx, pos].set(
-      col4row, mode="drop")
+      pred_of, mode="drop")
   col_ind = jnp.full((b, n), -1, jnp.int32).at[bidx, pos].set(
       jnp.broadcast_to(targets, (b, m)), mode="drop")
   return row_ind, col_ind
