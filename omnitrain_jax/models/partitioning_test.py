@@ -88,7 +88,9 @@ _SHARDED_SCRIPT = textwrap.dedent("""
     images = jnp.asarray(rng.integers(0, 256, (8, 64, 64, 3), np.uint8))
     cands = jnp.asarray(rng.integers(0, 64, (8, 6)), jnp.int32)
     init = lambda key: nn.unbox(model.init(key, images, cands, train=False))
-    for name in ("default", "fsdp"):
+    # FSDP + tensor parallel is the harder case (default rules are checked
+    # statically above); one rule set keeps this subprocess short.
+    for name in ("fsdp",):
       rules = partitioning.get_rules(name)
       abstract = jax.eval_shape(
           lambda k: model.init(k, images, cands, train=False),
@@ -122,4 +124,4 @@ def test_jitted_sharded_init_and_forward_on_8_fake_devices():
                         capture_output=True, text=True, timeout=600,
                         check=False)
   assert proc.returncode == 0, proc.stdout + proc.stderr
-  assert "default OK" in proc.stdout and "fsdp OK" in proc.stdout
+  assert "fsdp OK" in proc.stdout
