@@ -28,6 +28,7 @@ INSTALL_REQUIRES = [
     "tensorboardX==2.6.5",
     "opencv-python-headless==5.0.0.93",
     "simplejpeg==1.9.0",
+    "etils==1.15.0",
 ]
 
 setuptools.setup(

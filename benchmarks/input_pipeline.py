@@ -70,7 +70,7 @@ import simplejpeg
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _REPO)
 
-from configs import shapes_demo  # pylint: disable=g-import-not-at-top
+from omnitrain_jax import config_lib  # pylint: disable=g-import-not-at-top
 from omnitrain_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 from omnitrain_jax.data import schema  # pylint: disable=g-import-not-at-top
 
@@ -166,7 +166,7 @@ def main(argv):
   del argv
   cv2.setNumThreads(1)
   cache = _CACHE.value or tempfile.mkdtemp(prefix="otj_bench_")
-  data = shapes_demo.get_data_config()
+  data = config_lib.data_config()
   data.cache_dir = cache
   data.shapes_world.num_images = _NUM_IMAGES.value
   data.shapes_world.num_val_images = 8

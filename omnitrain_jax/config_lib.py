@@ -18,6 +18,83 @@ import ml_collections
 from omnitrain_jax.losses import omni_loss
 
 
+def data_config(tiny: bool = False) -> ml_collections.ConfigDict:
+  """``config.data`` (input pipeline, see data/pipeline.py) on ShapesWorld.
+
+  Configs for real data start from it and replace ``dataset``, ``sources``,
+  ``batch`` and ``spec``.
+  """
+  data = ml_collections.ConfigDict()
+  data.dataset = "shapes_world"  # Or "files": sources under data.root.
+  data.root = ""  # "files": folder relative source paths resolve against.
+  data.cache_dir = ""  # "": $OMNITRAIN_CACHE, data_cache/, ~/.cache/...
+  data.shapes_world = ml_collections.ConfigDict(dict(
+      num_images=40 if tiny else 2000,  # Train images per stream.
+      num_val_images=12 if tiny else 200,  # Val images per stream.
+      image_size=64 if tiny else 128,
+      seed=0,
+  ))
+  # Relative paths resolve against the generated dataset (or data.root).
+  data.sources = ml_collections.ConfigDict(dict(
+      det=dict(shapes_det=dict(reader="coco_instances",
+                               train="det_train.json", val="det_val.json",
+                               image_dir="images", weight=1.0)),
+      grd=dict(shapes_grd=dict(reader="mdetr_grounding",
+                               train="grd_train.json", val="grd_val.json",
+                               image_dir="images", weight=1.0)),
+      img=dict(shapes_img=dict(reader="coco_captions",
+                               train="img_train.json", val="img_val.json",
+                               image_dir="images", weight=1.0)),
+  ))
+  data.vocab = ml_collections.ConfigDict(dict(
+      path="",  # "": build from the training annotations (cached).
+      max_size=1000,
+      # Always split colour-shape names into their tokens: the open-vocabulary
+      # split is by token (`star`), so `red star` must not be one concept.
+      split_categories=True,
+      min_count=1,
+  ))
+  # Examples of each stream in every global batch (divisible by processes).
+  data.batch = ml_collections.ConfigDict(
+      dict(det=4, grd=2, img=2) if tiny else dict(det=8, grd=4, img=4))
+  data.eval_batch_size = 8 if tiny else 32
+  data.spec = ml_collections.ConfigDict(dict(
+      image_size=64 if tiny else 128,
+      max_boxes=8 if tiny else 16,
+      max_box_tokens=4,
+      max_caption_tokens=16,
+      max_neg_tokens=64,  # ShapesWorld: up to ~20 negative tokens.
+      num_candidates=32 if tiny else 64,
+  ))
+  data.augment = ml_collections.ConfigDict(dict(
+      enabled=True,
+      crop_prob=0.5,
+      crop_min_scale=0.7,
+      flip_prob=0.5,
+      # ShapesWorld's position words are absolute thirds of the image, which a
+      # crop can falsify even when it keeps every referent: no grd crops.
+      grd_crop_prob=0.0,
+  ))
+  data.min_box_size = 1.0  # Canvas pixels; smaller boxes after a crop drop.
+  data.candidates = ml_collections.ConfigDict(dict(
+      alpha=0.75,  # p(token) ~ count^alpha for vocabulary negatives.
+      min_vocab_negatives=4,
+      det_batch_negatives_known=False,  # Conservative; see candidates.py.
+      overflow="count",  # Or "error" when positives exceed num_candidates.
+  ))
+  data.strict = True  # False: skip and count bad records.
+  data.seed = 0
+  # Parallelism per host (benchmarks/input_pipeline.py has measurements):
+  # reader threads (GIL-bound at ~650 examples/s) and/or worker processes,
+  # each running the whole pipeline and handing over finished batches.
+  data.num_threads = 0 if tiny else 4
+  data.prefetch_buffer_size = 64  # Examples read ahead per process.
+  data.num_workers = 0
+  data.per_worker_buffer_size = 2  # Batches buffered per worker.
+  data.prefetch_batches = 0 if tiny else 2  # Thread prefetch (no workers).
+  return data
+
+
 def model_config(variant: str = "B/16", image_size: int = 768, **overrides):
   """``config.model`` (fields of `omnitrain_jax.models.omnidet.OmniDet`)."""
   model = ml_collections.ConfigDict(dict(

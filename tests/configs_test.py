@@ -1,0 +1,46 @@
+"""Every config loads, is locked, and is consistent; real data fails clearly."""
+
+import pathlib
+import runpy
+
+import pytest
+
+from omnitrain_jax import train
+from omnitrain_jax.data import pipeline
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+VARIANTS = [("shapes_demo.py", None), ("shapes_demo.py", "tiny"),
+            ("omnidet_b16.py", None), ("omnidet_b16.py", "shapes")]
+
+
+@pytest.mark.parametrize("name,variant", VARIANTS)
+def test_config_is_locked_and_consistent(name, variant):
+  config = runpy.run_path(str(CONFIGS / name))["get_config"](variant)
+  train.check_config(config)
+  for field in ("total_steps", "batch_size", "checkpoint_every_steps",
+                "log_every_steps", "eval_every_steps", "seed"):
+    assert field in config
+  with pytest.raises(AttributeError):
+    config.totl_steps = 3  # A typo must not add a field.
+
+
+def test_b16_is_the_design_recipe():
+  config = runpy.run_path(str(CONFIGS / "omnidet_b16.py"))["get_config"](None)
+  assert config.model.variant == "B/16" and config.model.image_size == 768
+  assert dict(config.data.batch) == {"det": 128, "grd": 64, "img": 64}
+  assert config.batch_size == 256
+
+
+def test_b16_on_a_fresh_machine_names_the_missing_data(tmp_path):
+  config = runpy.run_path(str(CONFIGS / "omnidet_b16.py"))["get_config"](None)
+  config.data.root = str(tmp_path)
+  with pytest.raises(FileNotFoundError) as info:
+    pipeline.prepare_data(config.data)
+  message = str(info.value)
+  assert "instances_train2017.json" in message
+  assert "Prepare it" in message
+
+
+def test_unknown_variant_is_an_error():
+  with pytest.raises(ValueError, match="Unknown variant"):
+    runpy.run_path(str(CONFIGS / "shapes_demo.py"))["get_config"]("huge")
