@@ -114,8 +114,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 2000
   config.log_every_steps = 100
   config.eval_every_steps = 10_000
-  # An AugReg ImageNet-21k ViT-B/16 .npz (models/checkpoints.py) for the
-  # backbone; the trainer's init_from takes an omnitrain_jax checkpoint.
-  config.backbone_npz = ""
+  # Set --config.backbone_npz to an AugReg ImageNet-21k ViT-B/16 .npz (e.g.
+  # B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz); the
+  # trainer's init_from instead takes an omnitrain_jax checkpoint.
   config.lock()
   return config

@@ -141,7 +141,8 @@ def add_training_sections(config: ml_collections.ConfigDict, *,
       warmup_steps=min(1000, max(total_steps // 20, 1)),
       end_lr_factor=0.0,
       weight_decay=0.05,
-      no_decay_regex=r"(pos_embedding|cls|norm|bias|scale)",
+      # The token table is used through normalized rows only: no decay.
+      no_decay_regex=r"(pos_embedding|cls|norm|bias|scale|token_embedding)",
       b1=0.9, b2=0.999, eps=1e-8,
       grad_clip_norm=1.0,
   ))
@@ -151,6 +152,9 @@ def add_training_sections(config: ml_collections.ConfigDict, *,
   config.logical_rules = "default"  # Or "fsdp" (models/partitioning.py).
 
   config.init_from = ""  # Another run's workdir/checkpoint: params only.
+  # A big_vision / AugReg ViT .npz for the backbone of a run from scratch
+  # (models/checkpoints.py; position embeddings are resized).
+  config.backbone_npz = ""
   config.checkpoint_every_steps = max(total_steps // 10, 1)
   config.keep_checkpoints = 3
   config.log_every_steps = max(min(50, total_steps // 10), 1)

@@ -46,6 +46,7 @@ from omnitrain_jax import train_state as ts
 from omnitrain_jax.data import pipeline
 from omnitrain_jax.data import schema
 from omnitrain_jax.losses import omni_loss as omni_loss_lib
+from omnitrain_jax.models import checkpoints as model_checkpoints
 from omnitrain_jax.models import omnidet
 from omnitrain_jax.models import partitioning
 
@@ -131,27 +132,31 @@ def setup(config, *, info: pipeline.DataInfo | None = None,
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       abstract_state, state_shardings)
   # ----------------------------------------------------------- jitted fns
-  init_fn = jax.jit(lambda seed: create(jax.random.key(seed)),
-                    out_shardings=state_shardings)
+  init_fn = _in_mesh(jax.jit(lambda seed: create(jax.random.key(seed)),
+                             out_shardings=state_shardings), mesh, rules)
   step_fn = ts.make_train_step(model, tx, loss_config(config), schedule)
   batch_sharding = sharding.batch_sharding(mesh)
-  train_step = jax.jit(
-      _with_rules(step_fn, rules),
+  train_step = _in_mesh(jax.jit(
+      step_fn,
       in_shardings=(state_shardings, batch_sharding),
       out_shardings=(state_shardings, sharding.replicated(mesh)),
-      donate_argnums=(0,))
+      donate_argnums=(0,)), mesh, rules)
   return Setup(mesh=mesh, model=model, tx=tx, schedule=schedule,
                state_shardings=state_shardings, abstract_state=abstract_state,
                init_fn=init_fn, train_step=train_step, info=info)
 
 
-def _with_rules(fn, rules):
-  """Runs `fn` with flax's logical axis rules (for activation constraints)."""
-  @functools.wraps(fn)
-  def wrapped(*args, **kwargs):
-    with nn.logical_axis_rules(tuple(map(tuple, rules))):
-      return fn(*args, **kwargs)
-  return wrapped
+def _in_mesh(jitted, mesh, rules):
+  """Calls `jitted` with the mesh and logical rules set, so that the model's
+  activation constraints (`nn.with_logical_constraint`) apply when it traces.
+  (`jax.set_mesh` cannot be entered inside a jitted function.)"""
+  rules = tuple(map(tuple, rules))
+
+  @functools.wraps(jitted)
+  def call(*args, **kwargs):
+    with partitioning.activation_sharding(mesh, rules):
+      return jitted(*args, **kwargs)
+  return call
 
 
 def batch_fingerprint(local_batch) -> float:
@@ -200,9 +205,9 @@ def validation_losses(config, s: Setup, params, *, max_batches: int | None = Non
                       ) -> dict[str, float]:
   """Mean validation loss terms per stream (until the evaluation binary lands)."""
   out = {}
-  eval_step = jax.jit(_with_rules(functools.partial(
-      ts.eval_step, model=s.model, loss_config=loss_config(config)), 
-      partitioning.get_rules(config.logical_rules)))
+  eval_step = _in_mesh(jax.jit(functools.partial(
+      ts.eval_step, model=s.model, loss_config=loss_config(config))),
+      s.mesh, partitioning.get_rules(config.logical_rules))
   for stream in schema.STREAMS:
     if not any(spec.val for spec in s.info.sources.get(stream, {}).values()):
       continue
@@ -241,6 +246,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state, start_step = s.init_fn(config.seed), 0
     if restored is not None:
       state = checkpointing.replace_fields(state, restored.state)
+    elif config.backbone_npz:
+      logging.info("Loading the backbone from %s", config.backbone_npz)
+      state = state.replace(params=model_checkpoints.load_backbone(
+          state.params, config.backbone_npz))
   if lead:
     logging.info("Starting at step %d of %d in %s", start_step,
                  config.total_steps, workdir)
