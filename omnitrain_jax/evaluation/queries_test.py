@@ -1,0 +1,105 @@
+"""Tests for evaluation queries."""
+
+import numpy as np
+import pytest
+
+from omnitrain_jax.evaluation import queries
+from omnitrain_jax.vocab.tokenizer import Tokenizer
+from omnitrain_jax.vocab.vocabulary import Vocabulary
+
+
+@pytest.fixture(name="tok")
+def _tok():
+  return Tokenizer(Vocabulary([
+      "hot dog", "bow", "red", "circle", "star", "monitor", "tv", "left",
+      "small", "dog"]))
+
+
+def _ids(tok, *tokens):
+  return tuple(tok.vocab.id(t) for t in tokens)
+
+
+def test_category_names_are_cleaned_and_split_into_variants(tok):
+  q = queries.category_query(tok, "hot_dog")
+  assert q.variants == (_ids(tok, "hot dog"),) and not q.unknown
+  assert queries.category_query(tok, "bow_(weapon)").variants == (
+      _ids(tok, "bow"),)
+  q = queries.category_query(tok, "Monitor/TV")
+  assert q.variants == (_ids(tok, "monitor"), _ids(tok, "tv"))
+
+
+def test_unknown_words_are_reported_and_empty_queries_flagged(tok):
+  q = queries.category_query(tok, "red zebra")
+  assert q.variants == (_ids(tok, "red"),)
+  assert q.unknown == ("zebra",) and not q.empty
+  q = queries.category_query(tok, "giraffe")
+  assert q.empty and q.unknown == ("giraffe",)
+  report = queries.QueryReport("test")
+  report.add_all([queries.category_query(tok, n)
+                  for n in ("red circle", "red zebra", "giraffe", "zebra")])
+  assert report.metrics() == {"unknown_query_words": 2.0,
+                              "queries_with_unknown_words": 3.0,
+                              "queries_without_tokens": 2.0}
+  assert report.to_json()["unknown_words"] == {"zebra": 2, "giraffe": 1}
+  assert report.to_json()["queries_without_tokens"] == ["giraffe", "zebra"]
+  report.log()  # Must not raise.
+
+
+def test_text_query(tok):
+  q = queries.text_query(tok, "the small red circles, please")
+  assert q.variants == (_ids(tok, "small", "red", "circle"),)
+  assert q.unknown == ("please",)
+  assert q.tokens == (("small", "red", "circle"),)
+
+
+def test_phrase_query_takes_tokens_inside_the_spans(tok):
+  caption = "the small red circle on the left and a star"
+  enc = tok.encode(caption)
+  a = caption.index("small")
+  phrase = queries.phrase_query(enc, [[a, a + 16],
+                                      [caption.index("left"),
+                                       caption.index("left") + 4]])
+  assert phrase.variants == (_ids(tok, "small", "red", "circle", "left"),)
+  star = caption.index("star")
+  assert queries.phrase_query(enc, [[star, star + 4]]).variants == (
+      _ids(tok, "star"),)
+  # No spans: the whole caption.
+  assert list(queries.phrase_query(enc, []).variants[0]) == enc.unique_ids()
+  # A span cutting through "hot dog" falls back to the overlapping token.
+  enc = tok.encode("a hot dog")
+  assert queries.phrase_query(enc, [[6, 9]]).variants == (
+      _ids(tok, "hot dog"),)
+  # Unknown words count only inside the spans.
+  enc = tok.encode("red zebra and blue circle")
+  q = queries.phrase_query(enc, [[0, 9]])
+  assert q.unknown == ("zebra",) and q.variants == (_ids(tok, "red"),)
+
+
+def test_token_union_layout(tok):
+  qs = [queries.category_query(tok, n)
+        for n in ("red circle", "giraffe", "Monitor/TV", "red star")]
+  union = queries.TokenUnion.build(qs, chunk_size=2)
+  real = union.token_ids[union.token_ids > 0]
+  assert sorted(real.tolist()) == sorted(
+      set(_ids(tok, "red", "circle", "monitor", "tv", "star")))
+  assert len(union.token_ids) % union.chunk_size == 0
+  # Variants: red circle, monitor, tv, red star; giraffe has none.
+  np.testing.assert_array_equal(union.groups,
+                                [[0, -1], [-1, -1], [1, 2], [3, -1]])
+  assert not union.trivial_groups
+  np.testing.assert_allclose(union.weights.sum(0), 1.0)
+  red = list(union.token_ids).index(tok.vocab.id("red"))
+  np.testing.assert_allclose(union.weights[red], [0.5, 0, 0, 0.5])
+  simple = queries.TokenUnion.build(qs[:1] + qs[3:], chunk_size=1024)
+  assert simple.trivial_groups and simple.chunk_size == 3
+
+
+def test_pad_queries(tok):
+  qs = [queries.text_query(tok, "red circle"), queries.text_query(tok, "xyz")]
+  out = queries.pad_queries(qs, 3, 2)
+  np.testing.assert_array_equal(out, [list(_ids(tok, "red", "circle")),
+                                      [0, 0], [0, 0]])
+  with pytest.raises(ValueError, match="max_tokens"):
+    queries.pad_queries(qs, 3, 1)
+  with pytest.raises(ValueError, match="room"):
+    queries.pad_queries(qs, 1, 2)
