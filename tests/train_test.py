@@ -45,10 +45,18 @@ def _losses(workdir) -> dict[int, dict[str, float]]:
   """step -> the train line of metrics.jsonl (eval lines skipped)."""
   out = {}
   for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
-    row = json.loads(line)
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:  # A line being written by a live run.
+      continue
     if "loss" in row:
       out[row["step"]] = row
   return out
+
+
+def _losses_or_empty(workdir):
+  path = pathlib.Path(workdir) / "metrics.jsonl"
+  return _losses(workdir) if path.exists() else {0: {}}
 
 
 def _run(cmd, env, timeout=600):
@@ -139,16 +147,23 @@ def test_two_processes_match_one_process(tmp_path, cache_dir):
       assert b[step][key] == a[step][key]
 
 
-def _wait_for_step(workdir, step, proc, timeout=600):
+def _committed_steps(workdir) -> list[int]:
+  ckpts = pathlib.Path(workdir) / "checkpoints"
+  if not ckpts.exists():
+    return []
+  return sorted(int(p.name) for p in ckpts.iterdir()
+                if p.name.isdigit() and (p / "commit_success.txt").exists())
+
+
+def _wait_until(cond, proc, timeout=600):
   deadline = time.time() + timeout
-  path = pathlib.Path(workdir) / "metrics.jsonl"
   while time.time() < deadline:
     if proc.poll() is not None:
       raise AssertionError(f"run ended early: {proc.stderr.read()[-4000:]}")
-    if path.exists() and any(s >= step for s in _losses(workdir)):
+    if cond():
       return
-    time.sleep(0.2)
-  raise AssertionError(f"step {step} not reached")
+    time.sleep(0.1)
+  raise AssertionError("condition not reached")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
@@ -161,13 +176,14 @@ def test_interrupted_run_resumes_exactly(tmp_path, cache_dir, sig):
   proc = subprocess.Popen(_main_cmd(cut, cache_dir, *common), env=_env(),
                           cwd=str(REPO), stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
-  _wait_for_step(cut, 3, proc)
+  # Interrupt mid-run, once a checkpoint exists and a step after it ran.
+  _wait_until(lambda: _committed_steps(cut) and max(_losses_or_empty(cut))
+              > _committed_steps(cut)[-1], proc)
   proc.send_signal(sig)
   proc.wait(timeout=120)
   if sig == signal.SIGTERM:
     assert proc.returncode == 0  # Saved and exited cleanly.
-  steps = sorted(int(p.name) for p in (cut / "checkpoints").iterdir()
-                 if p.name.isdigit())
+  steps = _committed_steps(cut)
   assert steps and max(steps) < 8
   _run(_main_cmd(cut, cache_dir, *common), _env())
   a, b = _losses(full), _losses(cut)
