@@ -28,18 +28,21 @@ The in-graph solver. Shortest augmenting paths with dual potentials, the
 Jonker-Volgenant / Crouse (2016) scheme that scipy implements, written batched:
 
 1. Orientation. The side that is augmented one vertex at a time is the
-   *targets* (the K valid columns of `cost`); the predictions are the side the
-   Dijkstra searches run over. So there are exactly K augmentations per
-   example, and padded targets cost nothing. When N < M we append M - N dummy
-   prediction columns of cost 0, of which max(K - N, 0) are active, which turns
-   "match min(N, K) of K targets" into "match all K targets" without changing
-   the optimum (each of the K - N dummies is used, at cost 0).
-2. Initialisation (row reduction): u_t = min_p c[t, p], v = 0, and each target
-   takes its argmin prediction unless a lower-indexed target claimed it. The
-   duals are feasible and the matched edges tight, so this is a valid starting
-   point for the augmentations; on DETR-like costs with N >> K it already
-   matches most targets (collisions are rare), which is where most of the speed
-   comes from.
+   *targets* (the K valid columns of `cost`, used in place, no transpose); the
+   predictions are the side the Dijkstra searches run over. So there are
+   exactly K augmentations per example, and padded targets cost nothing. When
+   N < M we append M - N dummy predictions of cost 0, of which max(K - N, 0)
+   are active, which turns "match min(N, K) of K targets" into "match all K
+   targets" without changing the optimum (each active dummy is used, at cost
+   0, and a dummy-matched target is reported unmatched).
+2. Initialisation (row reduction): u_t = min_p c[p, t], v = 0, and each target
+   takes its argmin prediction when no lower-indexed target of its chunk wants
+   it and no earlier chunk took it. The duals are feasible and the matched
+   edges tight, so this is a valid start for the augmentations; on DETR-like
+   costs with N >> K it already matches most targets (collisions are rare),
+   which is where most of the speed comes from. Targets are read in chunks of
+   16, 32, 64, ... columns and a chunk beyond every example's K is skipped, so
+   this reads about 2K + 16 columns at most, not M.
 3. Augmentation, for each still-free target: a Dijkstra over the active
    predictions on reduced costs c - u - v; each step scans one prediction (the
    closest unscanned one, preferring a free one among ties, as scipy does) and,
@@ -51,11 +54,15 @@ doing one Dijkstra step (O(N) vector work) and one path-flip step per example
 under per-example masks; an example that finishes an augmentation starts its
 next free target in the same iteration, and the loop ends when every example
 is done. So the trip count is the max over the batch of (Dijkstra steps + path
-flips), bounded by the number of valid targets, never the padded M.
+flips), which depends on the valid targets only, never on the padded M.
 
 Complexity: O(K^2 N) per example in the worst case (K augmentations of at most
 k + 1 Dijkstra steps of O(N) work), O(K N) for the initialisation; with random
-DETR-like costs and N >> K most augmentations take one or two steps.
+DETR-like costs and N >> K few targets are left after the initialisation and
+their augmentations take one or two steps. Measured on a 2-core CPU (see
+benchmarks/matching.py) it runs at 0.3-1.5x the time of scipy in a Python
+loop over the valid columns, and 3-200x faster than optax's in-graph
+Hungarian (much more with DETR-style constant padding, which optax solves).
 
 Precision: the solver computes in float32 (or float64 if given float64 with
 x64 enabled; bf16/f16 are upcast to float32). Dual potentials accumulate
@@ -72,7 +79,7 @@ functions can be called from a loss under `jax.grad`.
 """
 
 import functools
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import jax
 from jax import lax
@@ -105,8 +112,8 @@ def linear_sum_assignment(cost, num_valid_cols=None, method="jax"):
   cost, nv = _check_inputs(cost, num_valid_cols, method)
   b, n, m = cost.shape
   p = min(n, m)
-  if p == 0:
-    empty = jnp.zeros((b, 0), jnp.int32)
+  if p == 0 or b == 0:
+    empty = jnp.zeros((b, p), jnp.int32)
     return empty, empty
   if method == "scipy":
     return _scipy_lsa(cost, nv)
@@ -247,8 +254,10 @@ class _State(NamedTuple):
 
 _SEARCH, _FLIP, _DONE = 0, 1, 2
 
-# Targets per step of the greedy initialisation. A [B, P, 16] float32 slice
-# reads one 64-byte cache line per prediction row.
+# Width of the first target chunk of the greedy initialisation; later chunks
+# double (16, 32, 64, ...), so a batch with K valid targets reads at most
+# about 2K + 16 target columns, and few-target batches (the common case) read
+# one narrow chunk. Wide chunks cost less per target on XLA:CPU.
 _INIT_CHUNK = 16
 
 
@@ -276,8 +285,9 @@ def _greedy_init(cost, num_tgt, pred_active):
 
   u[t] = min_p cost[p, t] (with v = 0) is dual feasible; a target takes its
   argmin prediction when that prediction is free and no lower-indexed target
-  of its chunk wants it, which keeps every matched edge tight. Only
-  ceil(max(num_tgt) / chunk) chunks are read, so padded targets cost nothing.
+  of its chunk wants it, which keeps every matched edge tight. A chunk is
+  skipped (`lax.cond`) when no example has a valid target in it, so padded
+  targets are not read.
 
   Args:
     cost: `[B, P, T]` costs.
@@ -288,41 +298,41 @@ def _greedy_init(cost, num_tgt, pred_active):
     (pred_of [B, T], tgt_of [B, P], u [B, T]).
   """
   bsz, npred, ntgt = cost.shape
-  chunk = min(ntgt, _INIT_CHUNK)
   bidx = jnp.arange(bsz)[:, None]
-  ids = jnp.arange(chunk, dtype=jnp.int32)
-  earlier = ids[None, :] < ids[:, None]  # [t, t']: t' < t
-  num_chunks = (jnp.max(num_tgt) + chunk - 1) // chunk
+  max_tgt = jnp.max(num_tgt)
 
-  def body(c, carry):
+  def chunk(carry, t0, t1):
     pred_of, tgt_of, u = carry
-    # Clamped so the slice stays in bounds; an overlap with the previous
-    # chunk is harmless (its targets are matched or their argmin is taken).
-    t0 = jnp.minimum(c * chunk, ntgt - chunk)
-    sub = lax.dynamic_slice_in_dim(cost, t0, chunk, axis=2)  # [B, P, c]
-    sub = jnp.where(pred_active[:, :, None], sub, jnp.inf)
-    mn = jnp.min(sub, axis=1)  # [B, c]
-    best = _first(sub == mn[:, None, :], axis=1)  # [B, c]; P if NaN
-    tid = t0 + ids  # [c]
-    t_valid = tid[None] < num_tgt[:, None]  # [B, c]
-    old = lax.dynamic_slice_in_dim(pred_of, t0, chunk, axis=1)  # [B, c]
-    cand = (t_valid & (old < 0) & (best < npred)
-            & (jnp.take_along_axis(tgt_of, jnp.minimum(best, npred - 1),
-                                   axis=1) < 0))
+    w = t1 - t0
+    ids = jnp.arange(w, dtype=jnp.int32)
+    sub = jnp.where(pred_active[:, :, None], cost[:, :, t0:t1],
+                    jnp.inf)  # [B, P, w]
+    mn = jnp.min(sub, axis=1)  # [B, w]
+    best = _first(sub == mn[:, None, :], axis=1)  # [B, w]; P if NaN
+    tid = t0 + ids  # [w]
+    t_valid = tid[None] < num_tgt[:, None]  # [B, w]
+    cand = t_valid & (best < npred) & (jnp.take_along_axis(
+        tgt_of, jnp.minimum(best, npred - 1), axis=1) < 0)
     clash = (best[:, :, None] == best[:, None, :]) & cand[:, None, :]
-    win = cand & ~jnp.any(clash & earlier[None], axis=2)  # [B, c]
-    pred_of = lax.dynamic_update_slice_in_dim(
-        pred_of, jnp.where(win, best, old), t0, axis=1)
+    earlier = ids[None, :] < ids[:, None]  # [t, t']: t' < t
+    win = cand & ~jnp.any(clash & earlier[None], axis=2)  # [B, w]
+    pred_of = pred_of.at[:, t0:t1].set(jnp.where(win, best, -1))
     tgt_of = tgt_of.at[bidx, jnp.where(win, best, npred)].set(
         jnp.broadcast_to(tid, win.shape), mode="drop")
-    u = lax.dynamic_update_slice_in_dim(
-        u, jnp.where(t_valid, mn, 0).astype(u.dtype), t0, axis=1)
+    u = u.at[:, t0:t1].set(jnp.where(t_valid, mn, 0).astype(u.dtype))
     return pred_of, tgt_of, u
 
-  init = (jnp.full((bsz, ntgt), -1, jnp.int32),
-          jnp.full((bsz, npred), -1, jnp.int32),
-          jnp.zeros((bsz, ntgt), cost.dtype))
-  return lax.fori_loop(0, num_chunks, body, init)
+  carry = (jnp.full((bsz, ntgt), -1, jnp.int32),
+           jnp.full((bsz, npred), -1, jnp.int32),
+           jnp.zeros((bsz, ntgt), cost.dtype))
+  t0, width = 0, _INIT_CHUNK
+  while t0 < ntgt:  # static chunk boundaries
+    t1 = min(t0 + width, ntgt)
+    carry = lax.cond(max_tgt > t0,
+                     functools.partial(chunk, t0=t0, t1=t1),
+                     lambda c: c, carry)
+    t0, width = t1, 2 * width
+  return carry
 
 
 def _start_next(s, start, tgt_active):

@@ -89,6 +89,17 @@ def test_many_seeds_jax():
   _check(cost, num_valid, rows, cols)
 
 
+def test_many_targets_span_init_chunks():
+  """K up to 60 crosses the 16/32/... chunks of the greedy initialisation."""
+  rng = np.random.default_rng(11)
+  cost = np.concatenate([_cost_batch(rng, k, 6, 80, 60)
+                         for k in ["uniform", "ints", "detr", "large"]])
+  num_valid = rng.integers(0, 61, len(cost))
+  num_valid[:3] = [60, 17, 48]
+  rows, cols = _lsa_jit(cost, num_valid, method="jax")
+  _check(cost, num_valid, rows, cols)
+
+
 def test_unique_optimum_same_pairs_as_scipy():
   rng = np.random.default_rng(3)
   cost = _detr_like(rng, 16, 50, 10)
