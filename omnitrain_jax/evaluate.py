@@ -66,7 +66,6 @@ from typing import Any
 
 from absl import logging
 from etils import epath
-import flax.linen as nn
 import jax
 from jax.experimental import multihost_utils
 import ml_collections
@@ -464,17 +463,20 @@ class Evaluator:
   # ------------------------------------------------------------ jitting
 
   def _jit(self, fn):
-    rules = self._rules
-
-    def with_rules(*args):
-      with nn.logical_axis_rules(rules):
-        return fn(*args)
-
+    """jit with the batch sharded over ``data``; called inside the mesh and
+    the logical rules so that the model's activation constraints apply."""
     batch = sharding.batch_sharding(self.mesh)
-    return jax.jit(with_rules,
-                   in_shardings=(self.setup.state_shardings.params, batch,
-                                 sharding.replicated(self.mesh)),
-                   out_shardings=batch)
+    jitted = jax.jit(fn,
+                     in_shardings=(self.setup.state_shardings.params, batch,
+                                   sharding.replicated(self.mesh)),
+                     out_shardings=batch)
+    mesh, rules = self.mesh, self._rules
+
+    def call(*args):
+      with partitioning.activation_sharding(mesh, rules):
+        return jitted(*args)
+
+    return call
 
   def _encode(self, params, images):
     return self.model.apply({"params": params}, images, train=False,
@@ -837,6 +839,19 @@ def _define_flags() -> None:
   flags.mark_flags_as_required(["workdir"])
 
 
+def quiet_library_logs() -> None:
+  """Drops INFO lines of orbax and grain (dozens per restore), as main.py."""
+  import logging as pylogging  # pylint: disable=g-import-not-at-top
+
+  class Quiet(pylogging.Filter):
+
+    def filter(self, record):
+      return record.levelno > pylogging.INFO or not any(
+          f"/{lib}/" in record.pathname for lib in ("orbax", "grain"))
+
+  logging.get_absl_handler().addFilter(Quiet())
+
+
 def initialize_distributed(coordinator: str | None, num_processes: int | None,
                            process_id: int | None) -> None:
   """Multi-host JAX as in main.py: explicit coordinator, TPU pod or SLURM."""
@@ -856,6 +871,7 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
+  quiet_library_logs()
   initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
   config = f.config or config_from_workdir(f.workdir)
   s = train.setup(config)
