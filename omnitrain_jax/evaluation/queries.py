@@ -251,7 +251,7 @@ class TokenUnion:
 
     Args:
       queries: the shared queries (e.g. one per category).
-      chunk_size: tokens per logits chunk; memory of the scorer is
+      chunk_size: most tokens per logits chunk; memory of the scorer is
         ``[B, N, chunk_size]`` for the logits plus ``[B, N, R]`` for the sums.
 
     Returns:
@@ -263,8 +263,11 @@ class TokenUnion:
       raise ValueError(f"chunk_size={chunk_size} must be >= 1.")
     variants = [v for q in queries for v in q.variants]
     union = sorted({t for v in variants for t in v})
-    chunk = max(1, min(chunk_size, len(union)))
-    padded = -(-max(len(union), 1) // chunk) * chunk
+    # As few chunks as `chunk_size` allows, split evenly: 1289 tokens with
+    # chunk_size 1024 become 2 chunks of 645, not 2 of 1024 (37% padding).
+    num_chunks = -(-max(len(union), 1) // chunk_size)
+    chunk = -(-max(len(union), 1) // num_chunks)
+    padded = num_chunks * chunk
     token_ids = np.zeros((padded,), np.int32)
     token_ids[:len(union)] = union
     row = {t: i for i, t in enumerate(union)}

@@ -92,6 +92,9 @@ def test_token_union_layout(tok):
   np.testing.assert_allclose(union.weights[red], [0.5, 0, 0, 0.5])
   simple = queries.TokenUnion.build(qs[:1] + qs[3:], chunk_size=1024)
   assert simple.trivial_groups and simple.chunk_size == 3
+  # 5 tokens in chunks of at most 4: two even chunks of 3, not 4 + 4.
+  assert union.chunk_size == 2 and len(union.token_ids) == 6
+  assert len(queries.TokenUnion.build(qs, chunk_size=4).token_ids) == 6
 
 
 def test_pad_queries(tok):
