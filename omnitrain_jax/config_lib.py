@@ -15,6 +15,7 @@ import dataclasses
 
 import ml_collections
 
+from omnitrain_jax import evaluate
 from omnitrain_jax.losses import omni_loss
 
 
@@ -159,6 +160,10 @@ def add_training_sections(config: ml_collections.ConfigDict, *,
   config.keep_checkpoints = 3
   config.log_every_steps = max(min(50, total_steps // 10), 1)
   config.eval_every_steps = 0  # 0: evaluate only at the end.
-  config.eval_max_batches = ml_collections.FieldReference(None, field_type=int)
+  # Evaluation (omnitrain_jax/evaluate.py): every field of `EvalOptions`,
+  # with its defaults declared there. max_batches=None: whole val sets.
+  eval_fields = dataclasses.asdict(evaluate.EvalOptions())
+  eval_fields["max_batches"] = ml_collections.FieldReference(None, field_type=int)
+  config.eval = ml_collections.ConfigDict(eval_fields)
   config.max_consecutive_nonfinite = 5
   config.profile_steps = ()  # (start, stop) to trace with jax.profiler.

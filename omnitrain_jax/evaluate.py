@@ -72,6 +72,7 @@ import ml_collections
 import numpy as np
 
 from omnitrain_jax import checkpointing
+from omnitrain_jax import runtime
 from omnitrain_jax import sharding
 from omnitrain_jax.data import pipeline
 from omnitrain_jax.data import readers
@@ -839,31 +840,6 @@ def _define_flags() -> None:
   flags.mark_flags_as_required(["workdir"])
 
 
-def quiet_library_logs() -> None:
-  """Drops INFO lines of orbax and grain (dozens per restore), as main.py."""
-  import logging as pylogging  # pylint: disable=g-import-not-at-top
-
-  class Quiet(pylogging.Filter):
-
-    def filter(self, record):
-      return record.levelno > pylogging.INFO or not any(
-          f"/{lib}/" in record.pathname for lib in ("orbax", "grain"))
-
-  logging.get_absl_handler().addFilter(Quiet())
-
-
-def initialize_distributed(coordinator: str | None, num_processes: int | None,
-                           process_id: int | None) -> None:
-  """Multi-host JAX as in main.py: explicit coordinator, TPU pod or SLURM."""
-  hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")
-           if h]
-  if coordinator:
-    jax.distributed.initialize(coordinator, num_processes=num_processes,
-                               process_id=process_id)
-  elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or len(hosts) > 1:
-    jax.distributed.initialize()
-
-
 def main(argv: Sequence[str]) -> None:
   from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
@@ -871,8 +847,9 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
-  quiet_library_logs()
-  initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
+  runtime.quiet_library_logs()
+  runtime.initialize_distributed(f.coordinator_address, f.num_processes,
+                                 f.process_id)
   config = f.config or config_from_workdir(f.workdir)
   s = train.setup(config)
   options = EvalOptions.from_config(

@@ -7,14 +7,13 @@ e.g. ``--config.total_steps=1000``; the config is locked, so a mistyped field
 fails instead of being silently added.
 """
 
-import logging as pylogging
-import os
-
 from absl import app
 from absl import flags
 from absl import logging
 import jax
 from ml_collections import config_flags
+
+from omnitrain_jax import runtime
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config file, e.g. configs/shapes_demo.py[:tiny].",
@@ -32,35 +31,12 @@ _DISTRIBUTED = flags.DEFINE_enum(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _is_multihost_env() -> bool:
-  if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-    return True
-  hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-  return len([h for h in hosts.split(",") if h]) > 1
-
-
-def initialize_distributed() -> None:
-  mode = _DISTRIBUTED.value
-  if _COORDINATOR.value:
-    jax.distributed.initialize(_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
-                               process_id=_PROCESS_ID.value)
-  elif mode == "on" or (mode == "auto" and _is_multihost_env()):
-    jax.distributed.initialize()
-
-
-class _QuietLibraries(pylogging.Filter):
-  """Drops INFO lines of orbax and grain (dozens per checkpoint); keeps warnings."""
-
-  def filter(self, record):
-    return record.levelno > pylogging.INFO or not any(
-        f"/{lib}/" in record.pathname for lib in ("orbax", "grain"))
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.get_absl_handler().addFilter(_QuietLibraries())
-  initialize_distributed()
+  runtime.quiet_library_logs()
+  runtime.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                 _PROCESS_ID.value, _DISTRIBUTED.value)
   logging.info("JAX process %d / %d, local devices %s", jax.process_index(),
                jax.process_count(), jax.local_devices())
   from omnitrain_jax import train  # pylint: disable=g-import-not-at-top

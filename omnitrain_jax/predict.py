@@ -63,6 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from omnitrain_jax import evaluate
+from omnitrain_jax import runtime
 from omnitrain_jax import sharding
 from omnitrain_jax.data import images as images_lib
 from omnitrain_jax.data import pipeline
@@ -486,7 +487,7 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
-  evaluate.quiet_library_logs()
+  runtime.quiet_library_logs()
   if bool(f.query_image) != bool(f.query_box):
     raise app.UsageError("--query_image and --query_box go together.")
   if not f.queries and not f.query_image:

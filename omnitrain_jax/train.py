@@ -31,6 +31,7 @@ import time
 from typing import Any
 
 from absl import logging
+from etils import epath
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -38,6 +39,7 @@ import ml_collections
 import numpy as np
 
 from omnitrain_jax import checkpointing
+from omnitrain_jax import evaluate
 from omnitrain_jax import metric_writers
 from omnitrain_jax import optim
 from omnitrain_jax import progress
@@ -201,34 +203,10 @@ def _check_nonfinite(history, first_step: int, limit: int, run: int) -> int:
   return run
 
 
-def validation_losses(config, s: Setup, params, *, max_batches: int | None = None
-                      ) -> dict[str, float]:
-  """Mean validation loss terms per stream (until the evaluation binary lands)."""
-  out = {}
-  eval_step = _in_mesh(jax.jit(functools.partial(
-      ts.eval_step, model=s.model, loss_config=loss_config(config))),
-      s.mesh, partitioning.get_rules(config.logical_rules))
-  for stream in schema.STREAMS:
-    if not any(spec.val for spec in s.info.sources.get(stream, {}).values()):
-      continue
-    ds = pipeline.make_eval_dataset(config.data, s.info, stream=stream,
-                                    with_candidates=True)
-    history = []
-    for i, local in enumerate(ds):
-      if max_batches is not None and i >= max_batches:
-        break
-      batch = sharding.host_to_global(local, s.mesh)
-      history.append(eval_step(params, batch))
-    if history:
-      means = _mean_metrics(history)
-      out[f"val/{stream}/loss"] = means["loss"]
-  return out
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (resuming if `workdir` has a checkpoint); returns the last metrics."""
   workdir = os.path.abspath(workdir) if "://" not in workdir else workdir
-  os.makedirs(workdir, exist_ok=True) if "://" not in workdir else None
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   lead = jax.process_index() == 0
   s = setup(config)
   # ---------------------------------------------------------------- data
@@ -253,8 +231,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if lead:
     logging.info("Starting at step %d of %d in %s", start_step,
                  config.total_steps, workdir)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    (epath.Path(workdir) / "config.json").write_text(
+        config.to_json_best_effort(indent=2))
+    # With the config, the vocabulary makes the workdir self-contained for
+    # evaluate/predict on a machine without the training data.
+    s.info.vocab.save(epath.Path(workdir) / "vocab.txt")
   writer = metric_writers.create_default_writer(workdir, start_step=start_step)
   if start_step == 0:
     writer.write_hparams(config.to_dict())
@@ -296,8 +277,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer.write_scalars(step, last)
         history = []
       if at_end or (config.eval_every_steps and step % config.eval_every_steps == 0):
-        writer.write_scalars(step, validation_losses(
-            config, s, state.params, max_batches=config.get("eval_max_batches")))
+        # The evaluation binary's code path: COCO JSON + metrics.json under
+        # WORKDIR/eval/STEP/, metrics also to the logs.
+        last.update(evaluate.run_evaluation(config, s, state.params, step=step,
+                                            workdir=workdir, writer=writer))
       ckpt.maybe_save(step, state, train_iter, meta, force=stop or at_end)
       if stop:
         logging.info("Preemption/stop requested: saved step %d, exiting.", step)

@@ -117,14 +117,6 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
   return new_state, metrics
 
 
-def eval_step(params, batch, *, model: nn.Module, loss_config):
-  """The loss on a batch without updating anything (validation loss)."""
-  outputs = model.apply({"params": params}, batch["image"], batch["candidates"],
-                        train=False)
-  _, metrics = omni_loss_lib.omni_loss(outputs, batch, loss_config)
-  return metrics
-
-
 def make_train_step(model, tx, loss_config, schedule):
   return functools.partial(train_step, model=model, tx=tx, loss_config=loss_config,
                            schedule=schedule)
