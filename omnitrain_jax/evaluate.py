@@ -347,7 +347,7 @@ def _write_json(path: epath.Path, obj: Any) -> None:
   """Writes JSON atomically (a reader never sees half a file)."""
   tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
   tmp.write_text(json.dumps(obj, separators=(",", ":")))
-  tmp.rename(path)
+  tmp.replace(path)  # Overwrites (a second evaluation of the same step).
 
 
 def _rounded(x, decimals: int = detections_lib.BOX_DECIMALS) -> list:

@@ -1,0 +1,241 @@
+r"""The OmniTrain claim at small scale: which streams teach novel concepts?
+
+    python experiments/ablation.py --out=runs/ablation            # all mixes, seeds 0,1
+    python experiments/ablation.py --out=/tmp/a --mixes=det,det+grd --seeds=0 \
+        --config=configs/shapes_demo.py:tiny                       # a quick check
+
+Trains the same model, steps and seeds on ShapesWorld with different stream
+mixes (the det share of every batch is the same in all runs; grd and img add
+their shares on top):
+
+  det                  detection only
+  det+grd              + grounding phrases (the only place `star`, `purple` get boxes)
+  det+img              + captions (the only place `hexagon`, `pink` appear)
+  det+grd+img          all three (the default recipe)
+  det+grd+img/no_region   all three, without the caption loss's region term
+
+and evaluates each run on the validation set:
+
+* base / grd-novel / img-novel / all-category AP50 (categories named by their
+  colour + shape query, e.g. `purple star`);
+* grounding Acc@0.5;
+* chance references: the AP50 of the *bare novel token* (`star` scored against
+  every star box, whatever its colour), per novel group. A det-only model has
+  never seen these tokens, so its values of the same numbers are the level
+  that colour tokens and objectness alone reach.
+
+Writes ``OUT/ablation.json`` (every run's metrics, and mean/std per mix),
+``OUT/ablation.md`` (the table) and ``OUT/ablation.png`` (novel AP50 by mix).
+Runs are resumable: a finished run is only re-evaluated if its metrics are
+missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from absl import app
+from absl import flags
+import numpy as np
+from PIL import Image, ImageDraw
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+_OUT = flags.DEFINE_string("out", "runs/ablation", "Output folder.")
+_CONFIG = flags.DEFINE_string("config", os.path.join(REPO, "configs",
+                                                     "shapes_demo.py"),
+                              "Base config (path[:variant]).")
+_MIXES = flags.DEFINE_list(
+    "mixes", ["det", "det+grd", "det+img", "det+grd+img",
+              "det+grd+img/no_region"], "Stream mixes to train.")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "Seeds (model and data).")
+_CACHE = flags.DEFINE_string("cache_dir", "", "ShapesWorld cache folder.")
+_EXTRA = flags.DEFINE_multi_string("override", [],
+                                   "Extra --config.x=y for every run.")
+
+
+def mix_overrides(mix: str, base_batch: dict[str, int]) -> list[str]:
+  """Config overrides for a stream mix ("det+grd", "det+grd+img/no_region")."""
+  streams, _, variant = mix.partition("/")
+  names = streams.split("+")
+  unknown = set(names) - {"det", "grd", "img"}
+  if unknown or "det" not in names or variant not in ("", "no_region"):
+    raise ValueError(f"Bad mix {mix!r}: streams from det/grd/img (det "
+                     "always), optional '/no_region'.")
+  batch = {s: (base_batch[s] if s in names else 0) for s in base_batch}
+  out = [f"--config.data.batch.{s}={n}" for s, n in batch.items()]
+  out.append(f"--config.batch_size={sum(batch.values())}")
+  if variant == "no_region":
+    out.append("--config.loss.img_region_weight=0")
+  return out
+
+
+def token_dataset(det_val: str, tokens: list[str], out_path: str) -> str:
+  """det_val.json with one category per token: every box whose name has it."""
+  data = json.load(open(det_val))
+  names = {c["id"]: c["name"].split() for c in data["categories"]}
+  cats = [{"id": i + 1, "name": t} for i, t in enumerate(tokens)]
+  anns = []
+  for ann in data["annotations"]:
+    for i, t in enumerate(tokens):
+      if t in names[ann["category_id"]]:
+        anns.append({**ann, "id": len(anns) + 1, "category_id": i + 1})
+  json.dump({"images": data["images"], "annotations": anns,
+             "categories": cats}, open(out_path, "w"))
+  return out_path
+
+
+def _run(cmd: list[str], log_path: str) -> None:
+  with open(log_path, "a") as log:
+    proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+  if proc.returncode:
+    raise RuntimeError(f"{' '.join(cmd)} failed; see {log_path}")
+
+
+def _latest_metrics(workdir: str) -> dict[str, float]:
+  eval_dir = os.path.join(workdir, "eval")
+  steps = sorted(int(p) for p in os.listdir(eval_dir) if p.isdigit())
+  with open(os.path.join(eval_dir, str(steps[-1]), "metrics.json")) as f:
+    return json.load(f)
+
+
+def summarize(metrics: dict[str, float]) -> dict[str, float]:
+  g = metrics.get
+  return {
+      "base_AP50": g("eval/shapes_det/AP50_base"),
+      "grd_novel_AP50": g("eval/shapes_det/AP50_grd_novel"),
+      "img_novel_AP50": g("eval/shapes_det/AP50_img_novel"),
+      "all_AP": g("eval/shapes_det/AP"),
+      "grounding_acc50": g("eval/shapes_grd/acc@0.5"),
+      "grd_token_AP50": g("eval/grd_tokens/AP50"),
+      "img_token_AP50": g("eval/img_tokens/AP50"),
+  }
+
+
+COLUMNS = ("base_AP50", "grd_novel_AP50", "img_novel_AP50", "all_AP",
+           "grounding_acc50", "grd_token_AP50", "img_token_AP50")
+
+
+def markdown(per_mix: dict[str, dict[str, list[float]]]) -> str:
+  head = "| mix | " + " | ".join(COLUMNS) + " |"
+  lines = [head, "|" + "---|" * (len(COLUMNS) + 1)]
+  for mix, cols in per_mix.items():
+    cells = [f"{np.mean(cols[c]):.3f} ± {np.std(cols[c]):.3f}"
+             if cols[c] else "-" for c in COLUMNS]
+    lines.append(f"| {mix} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def plot(per_mix, path: str) -> None:
+  """Grouped bars: base / grd-novel / img-novel AP50 per mix (PIL only)."""
+  keys = (("base_AP50", (90, 90, 90)), ("grd_novel_AP50", (40, 110, 200)),
+          ("img_novel_AP50", (220, 120, 30)))
+  w, h, left, bottom = 120 * len(per_mix) + 80, 360, 50, 60
+  img = Image.new("RGB", (w, h), "white")
+  d = ImageDraw.Draw(img)
+  top = 20
+  scale = h - bottom - top
+  for v in (0.0, 0.25, 0.5, 0.75, 1.0):
+    y = h - bottom - v * scale
+    d.line([(left, y), (w - 10, y)], fill=(225, 225, 225))
+    d.text((5, y - 6), f"{v:.2f}", fill="black")
+  for i, (mix, cols) in enumerate(per_mix.items()):
+    x0 = left + 10 + 120 * i
+    for j, (k, color) in enumerate(keys):
+      vals = [v for v in cols[k] if v is not None]
+      m = float(np.mean(vals)) if vals else 0.0
+      x = x0 + 30 * j
+      d.rectangle([x, h - bottom - max(m, 0) * scale, x + 26, h - bottom],
+                  fill=color)
+      for v in vals:  # Each seed as a tick.
+        y = h - bottom - v * scale
+        d.line([(x + 4, y), (x + 22, y)], fill="black")
+    d.text((x0, h - bottom + 8), mix.replace("/", "\n/"), fill="black")
+  for j, (k, color) in enumerate(keys):
+    d.rectangle([left + 10 + 150 * j, h - 18, left + 22 + 150 * j, h - 6],
+                fill=color)
+    d.text((left + 26 + 150 * j, h - 19), k, fill="black")
+  img.save(path)
+
+
+def main(argv):
+  del argv
+  import runpy  # pylint: disable=g-import-not-at-top
+  from omnitrain_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from omnitrain_jax.data import shapes_world  # pylint: disable=g-import-not-at-top
+  out = os.path.abspath(_OUT.value)
+  os.makedirs(out, exist_ok=True)
+  path, _, variant = _CONFIG.value.partition(":")
+  base = runpy.run_path(path)["get_config"](variant or None)
+  base.unlock()
+  if _CACHE.value:
+    base.data.cache_dir = _CACHE.value
+  cache_flag = ([f"--config.data.cache_dir={_CACHE.value}"]
+                if _CACHE.value else [])
+  # One vocabulary for every run, built from all three streams' annotations
+  # (a det-only run would otherwise build one without `star`, and could not
+  # even be asked about it): novel tokens then exist in every model, and a
+  # run that never trained them shows their chance level.
+  info = pipeline.prepare_data(base.data)
+  vocab_flag = [f"--config.data.vocab.path={info.vocab_path}"]
+  paths = shapes_world.output_paths(info.root)
+  splits = info.splits
+  token_sets = {
+      "grd_tokens": token_dataset(paths["det_val"], splits["grd_novel_tokens"],
+                                  os.path.join(out, "grd_tokens.json")),
+      "img_tokens": token_dataset(paths["det_val"], splits["img_novel_tokens"],
+                                  os.path.join(out, "img_tokens.json")),
+  }
+  runs, start = [], time.time()
+  for mix in _MIXES.value:
+    for seed in _SEEDS.value:
+      workdir = os.path.join(out, mix.replace("+", "_").replace("/", "-"),
+                             f"seed{seed}")
+      log = workdir + ".log"
+      os.makedirs(os.path.dirname(workdir), exist_ok=True)
+      t0 = time.time()
+      _run([sys.executable, "-m", "omnitrain_jax.main",
+            f"--config={_CONFIG.value}", f"--workdir={workdir}",
+            f"--config.seed={seed}", f"--config.data.seed={seed}",
+            *cache_flag, *vocab_flag, *mix_overrides(mix, dict(base.data.batch)),
+            *[f"--config.{o}" for o in _EXTRA.value]], log)
+      for name, json_path in token_sets.items():
+        _run([sys.executable, "-m", "omnitrain_jax.evaluate",
+              f"--workdir={workdir}", f"--dataset_json={json_path}",
+              f"--image_dir={paths['image_root']}", f"--dataset_name={name}"],
+             log)
+      metrics = _latest_metrics(workdir)
+      runs.append({"mix": mix, "seed": int(seed), "workdir": workdir,
+                   "seconds": time.time() - t0, **summarize(metrics)})
+      print(json.dumps(runs[-1]), flush=True)
+  per_mix = {}
+  for r in runs:
+    cols = per_mix.setdefault(r["mix"], {c: [] for c in COLUMNS})
+    for c in COLUMNS:
+      if r[c] is not None:
+        cols[c].append(r[c])
+  result = {"config": _CONFIG.value, "overrides": _EXTRA.value,
+            "seeds": _SEEDS.value, "wall_seconds": time.time() - start,
+            "runs": runs,
+            "mean": {m: {c: float(np.mean(v)) if v else None
+                         for c, v in cols.items()} for m, cols in per_mix.items()},
+            "std": {m: {c: float(np.std(v)) if v else None
+                        for c, v in cols.items()} for m, cols in per_mix.items()}}
+  with open(os.path.join(out, "ablation.json"), "w") as f:
+    json.dump(result, f, indent=1)
+  table = markdown(per_mix)
+  with open(os.path.join(out, "ablation.md"), "w") as f:
+    f.write(table + "\n")
+  plot(per_mix, os.path.join(out, "ablation.png"))
+  print(table)
+  print(f"wall time {result['wall_seconds'] / 60:.1f} min; {out}/ablation."
+        "{json,md,png}")
+
+
+if __name__ == "__main__":
+  app.run(main)
