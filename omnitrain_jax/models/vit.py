@@ -48,7 +48,7 @@ VARIANTS = {
     "B": (768, 12, 12),
     "L": (1024, 24, 16),
 }
-PATCH_SIZES = (16, 32)
+PATCH_SIZES = (8, 14, 16, 32)  # /8: AugReg B/8; /14: CLIP-style L/14.
 
 # Names accepted by `remat_policy` (attributes of `jax.checkpoint_policies`).
 # Attention kernels for `attention_impl`. "xla" (the default) is the one

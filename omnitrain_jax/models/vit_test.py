@@ -13,7 +13,8 @@ def test_decode_variant():
       width=768, depth=12, num_heads=12, mlp_dim=3072, patch_size=16)
   assert vit.decode_variant("L/32")["depth"] == 24
   assert vit.decode_variant("Ti/16")["num_heads"] == 3
-  for bad in ("B", "B/8", "X/16", "B/16x"):
+  assert vit.decode_variant("B/8")["patch_size"] == 8
+  for bad in ("B", "B/12", "X/16", "B/16x"):
     with pytest.raises(ValueError, match="Unknown ViT variant"):
       vit.decode_variant(bad)
 
