@@ -559,6 +559,26 @@ def _parse_categories(cats: list, problems: _Problems, lvis: bool
 
 
 @_gc_paused
+def _checked_boxes(bboxes, rows, ann_ids, images, problems):
+  """Validates JSON ``[x, y, w, h]`` boxes; reports each bad one.
+
+  Returns:
+    (clipped xyxy boxes [n, 4], their `check_boxes` codes [n]).
+  """
+  xyxy, malformed = _xyxy_from_json(bboxes)
+  w, h = images.widths[rows], images.heights[rows]
+  boxes, codes = check_boxes(xyxy, w, h)
+  for b in np.flatnonzero(codes):
+    rec = f"annotation id {ann_ids[b]} (image id {images.ids[rows[b]]})"
+    if malformed[b]:
+      problem = (f"malformed box: bbox {_short(bboxes[b])} is not 4 numbers "
+                 "[x, y, width, height]")
+    else:
+      problem = box_problem(codes[b], xyxy[b], w[b], h[b])
+    problems(rec, problem, f"fix or remove the annotation, {_LENIENT_FIX}")
+  return boxes, codes
+
+
 def _parse_instances(path: str, image_dir, *, name: str, strict: bool,
                      counter: SkipCounter | None, skip_empty: bool,
                      lvis: bool) -> DetectionSource:
@@ -638,17 +658,9 @@ def _parse_instances(path: str, image_dir, *, name: str, strict: bool,
     bboxes.append(bbox)
 
   rows = np.asarray(rows, np.int64)
-  xyxy, malformed = _xyxy_from_json(bboxes)
-  w, h = images.widths[rows], images.heights[rows]
-  boxes, codes = check_boxes(xyxy, w, h)
+  boxes, codes = _checked_boxes(bboxes, rows, ann_ids, images, problems)
   for b in np.flatnonzero(codes):
-    rec = f"annotation id {ann_ids[b]} (image id {images.ids[rows[b]]})"
-    if malformed[b]:
-      problem = (f"malformed box: bbox {_short(bboxes[b])} is not 4 numbers "
-                 "[x, y, width, height]")
-    else:
-      problem = box_problem(codes[b], xyxy[b], w[b], h[b])
-    problems(rec, problem, f"fix or remove the annotation, {_LENIENT_FIX}")
+    # A dropped box's object is still in the image: not a negative.
     unboxed[int(rows[b])].add(cats[b])
   keep = codes == BOX_OK
   rows, boxes = rows[keep], boxes[keep]
@@ -881,17 +893,7 @@ def load_mdetr_grounding(json_path: str | os.PathLike,
     ann_ids.append(a.get("id", f"#{k}"))
 
   rows = np.asarray(rows, np.int64)
-  xyxy, malformed = _xyxy_from_json(bboxes)
-  w, h = images.widths[rows], images.heights[rows]
-  boxes, codes = check_boxes(xyxy, w, h)
-  for b in np.flatnonzero(codes):
-    rec = f"annotation id {ann_ids[b]} (image id {images.ids[rows[b]]})"
-    if malformed[b]:
-      problem = (f"malformed box: bbox {_short(bboxes[b])} is not 4 numbers "
-                 "[x, y, width, height]")
-    else:
-      problem = box_problem(codes[b], xyxy[b], w[b], h[b])
-    problems(rec, problem, f"fix or remove the annotation, {_LENIENT_FIX}")
+  boxes, codes = _checked_boxes(bboxes, rows, ann_ids, images, problems)
   keep = np.flatnonzero(codes == BOX_OK)
   keep = keep[np.argsort(rows[keep], kind="stable")]
   rows, boxes = rows[keep], boxes[keep]
