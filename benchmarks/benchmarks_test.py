@@ -1,0 +1,91 @@
+"""Smoke tests of the training benchmarks: tiny sizes, JSON keys, no timings.
+
+  /work/venv/bin/python -m pytest -q benchmarks/benchmarks_test.py
+
+(Not in pytest.ini's testpaths; run it by path.) Nothing here asserts a time:
+the benchmarks' numbers are for people to read.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import common
+from benchmarks import train_step
+from benchmarks import vocab_scaling
+from omnitrain_jax.data import schema
+
+# A 1-block ViT of width 32 at 32 px: 4 patches; compiles in seconds.
+_TINY = ["--image_size=32", "--dims=32,1,2,64", "--num_candidates=16",
+         "--repeats=1"]
+
+
+def test_synthetic_batch_has_the_schema_and_all_streams():
+  spec = schema.Spec(image_size=32, max_boxes=6, num_candidates=16)
+  composition = common.stream_composition(4)
+  assert composition == {"det": 2, "grd": 1, "img": 1}
+  batch = common.synthetic_batch(spec, composition, vocab_size=400)
+  shapes = schema.batch_shapes(spec, 4)
+  assert set(batch) == set(shapes)
+  for key, (shape, dtype) in shapes.items():
+    assert batch[key].shape == shape, key
+    assert batch[key].dtype == dtype, key
+  np.testing.assert_array_equal(batch["stream"], [0, 0, 1, 2])
+  assert batch["box_mask"][:3].any(axis=1).all()  # det and grd have boxes,
+  assert not batch["box_mask"][3].any()  # img has none,
+  assert (batch["caption_tokens"][2:] > 0).any(axis=1).all()  # but captions.
+  assert batch["cand_bg"][:2].any() and not batch["cand_bg"][2:].any()
+  assert ((batch["candidates"] >= 0) & (batch["candidates"] < 400)).all()
+
+
+def test_flops_memory_and_peaks():
+  n = 64
+  f = jax.jit(lambda a, b: a @ b)
+  a = jnp.ones((n, n))
+  compiled = f.lower(a, a).compile()
+  assert common.compiled_flops(compiled) == 2 * n**3
+  memory = common.compiled_memory(compiled)
+  assert memory["argument"] == 2 * n * n * 4
+  assert memory["output"] == n * n * 4
+  assert common.spec_peak_tflops("NVIDIA H200") == 989.0
+  assert common.spec_peak_tflops("TPU v5 lite") == 197.0
+  assert common.spec_peak_tflops("TPU v5") == 459.0
+  assert common.spec_peak_tflops("cpu") is None
+  assert len(common.load_average()) == 3
+
+
+def test_train_step_json():
+  report = train_step.main(_TINY + [
+      "--variant=Ti/16", "--batch=3", "--vocab_size=300", "--max_boxes=4",
+      "--matmul_size=128", "--components=none"])
+  assert {"environment", "matmul_peak", "cases", "load_average_end"} <= set(
+      report)
+  (case,) = report["cases"]
+  assert case["config"]["streams"] == {"det": 1, "grd": 1, "img": 1}
+  assert set(case["variants"]) == {"full_step", "bare_vit_fwd_bwd"}
+  for entry in case["variants"].values():
+    assert {"min_s", "median_s", "runs", "compile_s", "flops",
+            "flops_per_s", "frac_of_peak"} <= set(entry)
+  assert case["variants"]["full_step"]["flops"] > case["variants"][
+      "bare_vit_fwd_bwd"]["flops"] > 0
+  assert {"full_over_bare_vit_flop_rate", "full_over_bare_vit_time",
+          "full_frac_of_peak"} <= set(case["summary"])
+  assert case["memory_full_step"]["total"] > 0
+
+
+def test_vocab_scaling_json_and_sparse_rows_match_dense():
+  report = vocab_scaling.main(_TINY + [
+      "--vocab_sizes=300", "--batch=4", "--variants=dense,sparse_rows"])
+  (entry,) = report["per_vocab"]
+  assert entry["vocab_size"] == 300
+  assert entry["table_and_adam_bytes"] == 3 * 300 * 32 * 4
+  assert set(entry["variants"]) == {"dense", "sparse_rows"}
+  for variant in entry["variants"].values():
+    assert {"min_s", "compile_s", "flops", "memory"} <= set(variant)
+  check = entry["sparse_check"]
+  # The rows a step touches get the dense AdamW update (to rounding).
+  assert check["touched_rows_moved_by"] > 1e-4
+  assert check["touched_rows_diff_over_move"] < 1e-3
+  assert check["other_params_max_abs_diff"] < 1e-5
+  assert check["untouched_rows_moved_sparse"] == 0.0
+  assert report["slopes"] == {}  # One V: no line to fit.
