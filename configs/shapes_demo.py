@@ -36,13 +36,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     model = config_lib.model_config("Ti/16", config.data.spec.image_size,
                                     width=128, depth=4, num_heads=4, mlp_dim=512)
   config_lib.add_training_sections(
-      config, total_steps=6 if tiny else 2000,
+      config, total_steps=6 if tiny else 4000,
       batch_size=sum(config.data.batch.values()), model=model)
   # From scratch (no pretrained backbone): the backbone trains at full rate.
   config.optimizer.backbone_lr_multiplier = 1.0
-  config.optimizer.learning_rate = 1e-3 if tiny else 5e-4
+  # 1e-3 learned faster than 5e-4 here (base AP50 0.12 vs 0.11 at step 2000,
+  # 0.17 at 3000; README has the curve).
+  config.optimizer.learning_rate = 1e-3
   if tiny:
     config.checkpoint_every_steps = 3
     config.log_every_steps = 1
+  else:
+    config.eval_every_steps = 1000  # The learning curve, in the logs.
   config.lock()
   return config
