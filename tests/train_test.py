@@ -166,12 +166,22 @@ def _wait_until(cond, proc, timeout=600):
   raise AssertionError("condition not reached")
 
 
+RESUME_FLAGS = ("--config.total_steps=8", "--config.log_every_steps=1",
+                "--config.checkpoint_every_steps=2")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory, cache_dir):
+  """The reference: the same run, never interrupted."""
+  full = tmp_path_factory.mktemp("full")
+  _run(_main_cmd(full, cache_dir, *RESUME_FLAGS), _env())
+  return _losses(full)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
-def test_interrupted_run_resumes_exactly(tmp_path, cache_dir, sig):
-  common = ["--config.total_steps=8", "--config.log_every_steps=1",
-            "--config.checkpoint_every_steps=2"]
-  full = tmp_path / "full"
-  _run(_main_cmd(full, cache_dir, *common), _env())
+def test_interrupted_run_resumes_exactly(tmp_path, cache_dir, sig,
+                                         uninterrupted_run):
+  common = RESUME_FLAGS
   cut = tmp_path / "cut"
   proc = subprocess.Popen(_main_cmd(cut, cache_dir, *common), env=_env(),
                           cwd=str(REPO), stdout=subprocess.DEVNULL,
@@ -186,7 +196,7 @@ def test_interrupted_run_resumes_exactly(tmp_path, cache_dir, sig):
   steps = _committed_steps(cut)
   assert steps and max(steps) < 8
   _run(_main_cmd(cut, cache_dir, *common), _env())
-  a, b = _losses(full), _losses(cut)
+  a, b = uninterrupted_run, _losses(cut)
   assert sorted(a) == sorted(b) == list(range(1, 9))
   for step in a:
     assert b[step]["data/fingerprint"] == a[step]["data/fingerprint"], step
