@@ -128,7 +128,7 @@ def setup(config, *, info: pipeline.DataInfo | None = None,
                              dummy_batch=dummy)
   abstract_state = jax.eval_shape(create, jax.random.key(0))
   # ------------------------------------------------------------ shardings
-  specs = ts.state_logical_specs(model, tx, dummy, abstract_state)
+  specs = ts.state_logical_specs(boxed, tx, abstract_state)
   state_shardings = sharding.logical_shardings(specs, mesh, rules)
   abstract_state = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

@@ -51,18 +51,16 @@ def create_train_state(rng, model: nn.Module, tx: optax.GradientTransformation,
                     skipped_steps=jnp.zeros((), jnp.int32))
 
 
-def state_logical_specs(model: nn.Module, tx: optax.GradientTransformation,
-                        dummy_batch, abstract_state: TrainState) -> TrainState:
+def state_logical_specs(boxed_variables, tx: optax.GradientTransformation,
+                        abstract_state: TrainState) -> TrainState:
   """Logical PartitionSpecs for every leaf of the train state.
 
-  Parameters take the axis names the model gave them; optimizer moments take
+  Parameters take the axis names the model gave them (`boxed_variables`: the
+  abstract output of `init_variables`, boxes kept); optimizer moments take
   their parameter's names (`optax.tree_map_params`); counters are replicated.
   """
   P = jax.sharding.PartitionSpec
-  boxed = jax.eval_shape(functools.partial(init_variables, model=model,
-                                           dummy_batch=dummy_batch),
-                         jax.random.key(0))
-  param_specs = nn.get_partition_spec(boxed)["params"]
+  param_specs = nn.get_partition_spec(boxed_variables)["params"]
   # multi_transform (two learning rates) keeps empty `MaskedNode`s where the
   # other label's parameters are; they stay as they are.
   masked = optax.transforms.MaskedNode
