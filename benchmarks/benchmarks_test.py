@@ -9,6 +9,7 @@ the benchmarks' numbers are for people to read.
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from benchmarks import common
 from benchmarks import train_step
@@ -71,6 +72,42 @@ def test_train_step_json():
   assert {"full_over_bare_vit_flop_rate", "full_over_bare_vit_time",
           "full_frac_of_peak"} <= set(case["summary"])
   assert case["memory_full_step"]["total"] > 0
+
+
+def _timing(seconds):
+  return {"min_s": seconds, "compile_s": 10 * seconds, "flops": None,
+          "flops_per_s": None, "frac_of_peak": None}
+
+
+def test_optimizer_guards_agree_and_skip_non_finite_steps():
+  # The trainer's guard (cond), the previous one (where) and none.
+  tx = optax.adamw(1e-2)
+  params = {"a": {"w": jnp.ones((3, 2))}, "b": {"v": jnp.arange(4.0)}}
+  grads = jax.tree.map(lambda p: 0.1 * jnp.ones_like(p), params)
+  opt_state = tx.init(params)
+
+  def run(guard, loss):
+    return train_step._optimizer_tail(  # pylint: disable=protected-access
+        params, opt_state, grads, jnp.float32(loss), tx=tx, guard=guard)
+
+  (bare_params, _), norm = run("none", 1.0)
+  assert not np.allclose(bare_params["a"]["w"], params["a"]["w"])
+  for guard in ("cond", "where"):
+    (new_params, _), guard_norm = run(guard, 1.0)
+    jax.tree.map(np.testing.assert_allclose, new_params, bare_params)
+    np.testing.assert_allclose(guard_norm, norm)
+    (kept_params, kept_state), _ = run(guard, np.nan)
+    jax.tree.map(np.testing.assert_array_equal, kept_params, params)
+    jax.tree.map(np.testing.assert_array_equal, kept_state, opt_state)
+  summary = train_step._summarize({  # pylint: disable=protected-access
+      "full_step": _timing(4.0), "bare_vit_fwd_bwd": _timing(2.0),
+      "optimizer_cond_guard": _timing(1.0),
+      "optimizer_where_guard": _timing(2.0), "optimizer_bare": _timing(0.5)})
+  assert summary["optimizer_where_over_cond_guard_time"] == 2.0
+  assert summary["optimizer_where_over_cond_guard_compile"] == 2.0
+  assert summary["optimizer_cond_guard_over_bare_time"] == 2.0
+  assert summary["optimizer_where_guard_over_bare_time"] == 4.0
+  assert set(summary["standalone_s"]) == set(train_step.OPTIMIZER_COMPONENTS)
 
 
 def test_vocab_scaling_json_and_sparse_rows_match_dense():

@@ -11,10 +11,10 @@ round-robin, minimum over rounds; see `common.Timer`):
 
 * ``full_step``: `train.setup(config).train_step` -- the real jitted step
   (OmniDet forward+backward, Hungarian matching, the three-stream loss,
-  global-norm clipping, AdamW with two learning rates, the non-finite guard),
-  state donated, on a synthetic batch with the schema's shapes and det/grd/img
-  content (`common.synthetic_batch`: boxes, box tokens, phrases, captions,
-  candidates from the real sampler).
+  global-norm clipping, AdamW with two learning rates, the non-finite guard
+  as a ``lax.cond``), state donated, on a synthetic batch with the schema's
+  shapes and det/grd/img content (`common.synthetic_batch`: boxes, box
+  tokens, phrases, captions, candidates from the real sampler).
 * ``bare_vit_fwd_bwd``: the same backbone (the OmniDet's own ViT module and
   parameters), same resolution, batch and dtype, ``value_and_grad`` of a
   trivial scalar loss (mean of squared outputs), jitted. The reference the
@@ -32,13 +32,18 @@ And the breakdown, to find where the full step loses time (``--components``):
 * ``loss_fwd``, ``loss_fwd_bwd``: `omni_loss` alone on fixed model outputs
   (gradient w.r.t. the outputs), matching included.
 * ``matching``: the matcher alone on a ``[B, N, M]`` cost.
-* ``optimizer``: ``tx.update`` + ``apply_updates`` + the step's non-finite
-  guard (isfinite per group, keep-or-replace of params and moments) on
-  donated params and moments; ``optimizer_bare``: without the guard;
-  ``optimizer_cond``: the guard as ``lax.cond(finite, update, keep)``.
-* ``full_step_cond_guard``: the full step with that ``lax.cond`` guard (a
-  proposed change to `train_state.train_step`, same results), to measure
-  what it buys in step time and compile time.
+* The optimizer alone (``tx.update`` + ``apply_updates`` on donated params
+  and moments), three ways, side by side -- the comparison behind the
+  trainer's choice of non-finite guard:
+
+  - ``optimizer_cond_guard``: what `train_state.train_step` does (isfinite
+    per group, then ``lax.cond(finite, update, keep)``);
+  - ``optimizer_where_guard``: the previous guard, kept for comparison only
+    (the update always runs, then ``jnp.where(finite, new, old)`` over every
+    parameter and moment);
+  - ``optimizer_bare``: no guard.
+
+  The summary gives their time and compile-time ratios.
 
 FLOPs are XLA's cost analysis of each compiled program, per device
 (multiply-add = 2; the matcher's while loop counted once, a scipy callback
@@ -53,9 +58,9 @@ its FLOPs are hardware FLOPs (HFU); MFU then uses the FLOPs of the same step
 lowered without remat (model FLOPs).
 
 GPU run (one short call; the preset compiles ``full_step``,
-``bare_vit_fwd_bwd``, ``grad_only`` and ``full_step_cond_guard``; add
-``--components=none`` for the fastest run or ``all`` for the whole
-breakdown)::
+``bare_vit_fwd_bwd``, ``grad_only``, ``optimizer_cond_guard`` and
+``optimizer_where_guard``; add ``--components=none`` for the fastest run or
+``all`` for the whole breakdown)::
 
   python benchmarks/train_step.py --gpu --out=$OUT/train_step_gpu.json
   python benchmarks/train_step.py --gpu --remat --batch=16
@@ -64,13 +69,16 @@ The machine's load average is in the JSON: on a shared CPU every timing can
 be 1.5-3.5x slower than on a quiet one, the ratios (same run, interleaved)
 much less so.
 
-Measured (2-core CPU shared with other jobs, load average 2.5-5.3; jax
-0.10.2, f32, V = 32k, Q = 64, M = 16, jax matcher, min of 5 rounds; measured
-matmul peak 128 GFLOP/s vs 196 on a quiet machine)::
+Measured *before* the trainer adopted the ``lax.cond`` guard, when
+``full_step`` still had the ``jnp.where`` guard and the cond-guarded step was
+timed as a separate program (2-core CPU shared with other jobs, load average
+2.5-5.3; jax 0.10.2, f32, V = 32k, Q = 64, M = 16, jax matcher, min of 5
+rounds; measured matmul peak 128 GFLOP/s vs 196 on a quiet machine; not
+re-measured since)::
 
                                  B/16 @224, B=2       Ti/16 @128, B=8
   bare ViT fwd+bwd               2.34 s  90 GFLOP/s   0.313 s  58 GFLOP/s
-  full step                      3.41 s  64 GFLOP/s   0.469 s  40 GFLOP/s
+  full step (where guard)        3.41 s  64 GFLOP/s   0.469 s  40 GFLOP/s
   full / bare FLOP rate          0.71                 0.70
   grad only (no optimizer)       2.52 s  (0.95)       0.316 s  (1.01)
   full - grad only (optimizer)   0.89 s  (26%)        0.153 s  (33%)
@@ -78,18 +86,21 @@ matmul peak 128 GFLOP/s vs 196 on a quiet machine)::
   AdamW + lax.cond guard         0.80 s               0.068 s
   loss fwd+bwd incl. matching    0.6 ms               0.8 ms
   matcher alone                  0.06 ms              0.09 ms
-  compile: full step / cond      83 s / 26 s          59 s / 20 s
+  compile: full step where/cond  83 s / 26 s          59 s / 20 s
 
-The whole gap to the bare ViT is the optimizer: without it the step runs at
+The whole gap to the bare ViT was the optimizer: without it the step ran at
 0.95-1.0x the bare ViT's FLOP rate (head +4% FLOPs; loss and matching are
 well under 1%). AdamW is memory-bound elementwise work over every parameter
 -- 112M for B/16 of which the V = 32k token table is 24.6M, 11.8M for Ti/16
-of which the table is 6.1M -- and at these small CPU batches it costs a
-quarter to a third of the step. The non-finite guard's keep-or-replace
-(`jnp.where` over params and moments) makes the optimizer 1.6-2.8x slower
-alone and the step 3x slower to compile; a `lax.cond` guard
-(``full_step_cond_guard``: 2-5% faster here, within noise for B/16) removes
-most of both. Updating only the gathered table rows (benchmarks/
+of which the table is 6.1M -- and at these small CPU batches it cost a
+quarter to a third of the step. The where guard's keep-or-replace
+(`jnp.where` over params and moments) made the optimizer 1.6-2.8x slower
+alone and the step 3x slower to compile; the ``lax.cond`` guard (full step
+2-5% faster here, within noise for B/16) removed most of both, so the
+trainer (`train_state.train_step`) now uses it, and ``full_step`` measures
+it. The where guard is kept only as the optimizer-level comparison
+(``optimizer_where_guard`` vs ``optimizer_cond_guard`` and
+``optimizer_bare``). Updating only the gathered table rows (benchmarks/
 vocab_scaling.py, ``sparse_rows``) removes the table's share. At accelerator
 sizes (B/16 at 768 px, batch 8+: ~50x the FLOPs per step) the optimizer is a
 few percent; measure with ``--gpu``.
@@ -127,11 +138,19 @@ CPU_CASES = (  # (variant, image_size, batch): the anchors of FACTS.md.
     ("B/16", 224, 2),
     ("Ti/16", 128, 8),
 )
-ALL_COMPONENTS = ("full_step_cond_guard", "grad_only", "model_fwd_bwd",
-                  "model_fwd", "bare_vit_fwd", "loss_fwd", "loss_fwd_bwd",
-                  "matching", "optimizer", "optimizer_bare", "optimizer_cond")
-# Cheap enough for one short accelerator call (each is one more compile).
-GPU_COMPONENTS = ("full_step_cond_guard", "grad_only")
+# The optimizer alone, with the trainer's guard, the previous guard (kept for
+# comparison) and none: name -> the `guard` of `_optimizer_tail`.
+OPTIMIZER_COMPONENTS = {
+    "optimizer_cond_guard": "cond",    # What `train_state.train_step` does.
+    "optimizer_where_guard": "where",  # The previous guard, for comparison.
+    "optimizer_bare": "none",
+}
+ALL_COMPONENTS = ("grad_only", "model_fwd_bwd", "model_fwd", "bare_vit_fwd",
+                  "loss_fwd", "loss_fwd_bwd", "matching",
+                  *OPTIMIZER_COMPONENTS)
+# Cheap enough for one short accelerator call (each is one more compile; the
+# optimizer-only programs are small).
+GPU_COMPONENTS = ("grad_only", "optimizer_cond_guard", "optimizer_where_guard")
 
 
 def _with_rules(fn, rules):
@@ -150,82 +169,44 @@ def _trivial_loss(tree) -> jax.Array:
   return sum(jnp.mean(jnp.square(x.astype(jnp.float32))) for x in leaves)
 
 
-def _optimizer_tail(params, opt_state, grads, loss, *, tx, guard: bool):
-  """The step after the gradient: what `train_state.train_step` does.
+def _optimizer_tail(params, opt_state, grads, loss, *, tx, guard: str):
+  """The step after the gradient, with one of three non-finite guards.
 
-  Mirrors it (update, apply, per-group isfinite, keep-or-replace of params
-  and moments) so that its cost can be timed alone; keep in sync.
+  ``guard="cond"`` mirrors `train_state.train_step` (per-group isfinite, then
+  the update inside ``lax.cond(finite, update, keep)``; keep in sync);
+  ``"where"`` is the guard the trainer used before, kept for comparison (the
+  update always runs, then ``jnp.where(finite, new, old)`` over every
+  parameter and moment); ``"none"`` is the bare update.
+
+  Args:
+    params: the parameters (donated by the benchmark's jit).
+    opt_state: the optimizer state (donated too).
+    grads: gradients with the parameters' structure.
+    loss: the scalar loss (its finiteness counts, as in the step).
+    tx: the optimizer.
+    guard: "cond", "where" or "none".
+
+  Returns:
+    ``((new_params, new_opt_state), grad_norm)``.
   """
-  updates, new_opt_state = tx.update(grads, opt_state, params)
-  new_params = optax.apply_updates(params, updates)
-  if not guard:
-    return (new_params, new_opt_state), optax.global_norm(grads)
-  ok = [jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
-                           for x in jax.tree.leaves(sub)]))
-        for sub in grads.values()]
-  finite = jnp.isfinite(loss) & jnp.all(jnp.stack(ok))
-  keep = lambda new, old: jax.tree.map(  # pylint: disable=g-long-lambda
-      lambda a, b: jnp.where(finite, a, b), new, old)
-  return ((keep(new_params, params), keep(new_opt_state, opt_state)),
-          optax.global_norm(grads))
-
-
-def _cond_guard_step(state, batch, *, model, tx, loss_config, schedule):
-  """`train_state.train_step` with the non-finite guard as a `lax.cond`.
-
-  A proposed change, measured side by side (``full_step_cond_guard``): the
-  current step computes the update and then keeps-or-replaces every
-  parameter and moment with ``jnp.where(finite, new, old)``; here the update
-  runs inside ``lax.cond(finite, ...)`` (skipped steps return the old state),
-  so no select pass runs over the state and XLA fuses the update as in a plain
-  optimizer. The returned state and metrics are the same; keep in sync.
-  """
-  rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-
-  def loss_fn(params):
-    outputs = model.apply({"params": params}, batch["image"],
-                          batch["candidates"], train=True,
-                          rngs={"dropout": rng})
-    return omni_loss_lib.omni_loss(outputs, batch, loss_config)
-
-  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params)
-  group_ok = {name: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
-                                       for x in jax.tree.leaves(sub)]))
-              for name, sub in grads.items()}
-  finite = jnp.isfinite(loss) & jnp.all(jnp.stack(list(group_ok.values())))
-
-  def apply(_):
-    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-    return optax.apply_updates(state.params, updates), new_opt_state
-
-  params, opt_state = jax.lax.cond(
-      finite, apply, lambda _: (state.params, state.opt_state), None)
-  new_state = state.replace(
-      step=state.step + 1, params=params, opt_state=opt_state,
-      skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
-  metrics = dict(metrics)
-  metrics["grad_norm"] = optax.global_norm(grads)
-  metrics["learning_rate"] = schedule(state.step)
-  metrics["nonfinite"] = (~finite).astype(jnp.float32)
-  metrics["nonfinite_loss"] = (~jnp.isfinite(loss)).astype(jnp.float32)
-  for name, ok in group_ok.items():
-    metrics[f"nonfinite_grad/{name}"] = (~ok).astype(jnp.float32)
-  return new_state, metrics
-
-
-def _optimizer_cond(params, opt_state, grads, loss, *, tx):
-  """`_optimizer_tail` with the guard as a `lax.cond` (see above)."""
-  ok = [jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
-                           for x in jax.tree.leaves(sub)]))
-        for sub in grads.values()]
-  finite = jnp.isfinite(loss) & jnp.all(jnp.stack(ok))
-
-  def apply(_):
+  def update(_):
     updates, new_opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), new_opt_state
-  return (jax.lax.cond(finite, apply, lambda _: (params, opt_state), None),
-          optax.global_norm(grads))
+
+  if guard == "none":
+    return update(None), optax.global_norm(grads)
+  ok = [jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
+                           for x in jax.tree.leaves(sub)]))
+        for sub in grads.values()]
+  finite = jnp.isfinite(loss) & jnp.all(jnp.stack(ok))
+  if guard == "cond":
+    new = jax.lax.cond(finite, update, lambda _: (params, opt_state), None)
+  elif guard == "where":
+    new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), update(None),
+                       (params, opt_state))
+  else:
+    raise ValueError(f"guard={guard!r}: use 'cond', 'where' or 'none'.")
+  return new, optax.global_norm(grads)
 
 
 def _copy(tree):
@@ -345,25 +326,15 @@ def run_case(*, variant: str, image_size: int, batch: int, dtype: str,
                          ).astype(jnp.int32)
     add("matching", jax.jit(functools.partial(
         matching.linear_sum_assignment, method=matcher)), cost, num_cols)
-  tails = {
-      "optimizer": functools.partial(_optimizer_tail, tx=tx, guard=True),
-      "optimizer_bare": functools.partial(_optimizer_tail, tx=tx, guard=False),
-      "optimizer_cond": functools.partial(_optimizer_cond, tx=tx),
-  }
-  for name, tail_fn in tails.items():
+  for name, guard in OPTIMIZER_COMPONENTS.items():
     if name in components:
+      tail_fn = functools.partial(_optimizer_tail, tx=tx, guard=guard)
       opt_params = _copy(params)
       grads = jax.tree.map(lambda p: 1e-3 * jnp.ones_like(p), params)
       tail = jax.jit(lambda po, g, loss, f=tail_fn: f(po[0], po[1], g, loss),
                      donate_argnums=(0,))
       add(name, tail, (opt_params, tx.init(opt_params)), grads,
           jnp.float32(1.0), donate_state=True)
-  if "full_step_cond_guard" in components:
-    step = jax.jit(_with_rules(functools.partial(
-        _cond_guard_step, model=model, tx=tx, loss_config=loss_config,
-        schedule=s.schedule), rules), donate_argnums=(0,))
-    add("full_step_cond_guard", step, s.init_fn(seed), batch_arrays,
-        donate_state=True)
 
   load_before = common.load_average()
   timer.run(repeats, min_total_s=1.0)
@@ -428,20 +399,24 @@ def _summarize(r: dict[str, dict[str, Any]]) -> dict[str, Any]:
     parts["loss_with_matching"] = t["grad_only"] - t["model_fwd_bwd"]
   if "grad_only" in t:
     parts["optimizer_and_guard"] = t["full_step"] - t["grad_only"]
-  if "full_step_cond_guard" in r:
-    cond = r["full_step_cond_guard"]
-    out["cond_guard_over_bare_vit_flop_rate"] = (
-        cond["flops_per_s"] / bare["flops_per_s"]
-        if cond["flops_per_s"] and bare["flops_per_s"] else None)
-    out["cond_guard_speedup"] = t["full_step"] / t["full_step_cond_guard"]
+  # The guards side by side: the trainer's (cond) against the previous one
+  # (where) and against none.
+  cond, where = "optimizer_cond_guard", "optimizer_where_guard"
+  if cond in r and where in r:
+    out["optimizer_where_over_cond_guard_time"] = t[where] / t[cond]
+    out["optimizer_where_over_cond_guard_compile"] = (
+        r[where]["compile_s"] / r[cond]["compile_s"])
+  if "optimizer_bare" in r:
+    for name in (cond, where):
+      if name in r:
+        out[f"{name}_over_bare_time"] = t[name] / t["optimizer_bare"]
   if parts:
     parts["bare_vit_fwd_bwd"] = t["bare_vit_fwd_bwd"]
     out["breakdown_s"] = parts
     out["breakdown_frac_of_full"] = {k: v / t["full_step"]
                                      for k, v in parts.items()}
   standalone = {k: t[k] for k in ("loss_fwd", "loss_fwd_bwd", "matching",
-                                  "optimizer", "optimizer_bare",
-                                  "optimizer_cond") if k in t}
+                                  *OPTIMIZER_COMPONENTS) if k in t}
   if standalone:
     out["standalone_s"] = standalone
     out["standalone_frac_of_full"] = {k: v / t["full_step"]
