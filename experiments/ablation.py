@@ -57,6 +57,9 @@ _SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "Seeds (model and data).")
 _CACHE = flags.DEFINE_string("cache_dir", "", "ShapesWorld cache folder.")
 _EXTRA = flags.DEFINE_multi_string("override", [],
                                    "Extra --config.x=y for every run.")
+_REPLOT = flags.DEFINE_bool("replot", False,
+                            "Only redraw OUT/ablation.{md,png} from "
+                            "OUT/ablation.json.")
 
 
 def mix_overrides(mix: str, base_batch: dict[str, int]) -> list[str]:
@@ -139,11 +142,16 @@ def plot(per_mix, path: str) -> None:
   img = Image.new("RGB", (w, h), "white")
   d = ImageDraw.Draw(img)
   top = 20
-  scale = h - bottom - top
-  for v in (0.0, 0.25, 0.5, 0.75, 1.0):
+  # The y axis ends at the next 0.05 above the highest value (small APs
+  # would be unreadable on a 0..1 axis).
+  highest = max([v for cols in per_mix.values() for k, _ in keys
+                 for v in cols[k] if v is not None] + [0.05])
+  ymax = float(np.ceil(highest * 1.1 / 0.05) * 0.05)
+  scale = (h - bottom - top) / ymax
+  for v in np.linspace(0.0, ymax, 5):
     y = h - bottom - v * scale
     d.line([(left, y), (w - 10, y)], fill=(225, 225, 225))
-    d.text((5, y - 6), f"{v:.2f}", fill="black")
+    d.text((5, y - 6), f"{v:.3f}", fill="black")
   for i, (mix, cols) in enumerate(per_mix.items()):
     x0 = left + 10 + 120 * i
     for j, (k, color) in enumerate(keys):
@@ -163,8 +171,26 @@ def plot(per_mix, path: str) -> None:
   img.save(path)
 
 
+def _per_mix(runs):
+  per_mix = {}
+  for r in runs:
+    cols = per_mix.setdefault(r["mix"], {c: [] for c in COLUMNS})
+    for c in COLUMNS:
+      if r[c] is not None:
+        cols[c].append(r[c])
+  return per_mix
+
+
 def main(argv):
   del argv
+  if _REPLOT.value:
+    out = os.path.abspath(_OUT.value)
+    with open(os.path.join(out, "ablation.json")) as f:
+      per_mix = _per_mix(json.load(f)["runs"])
+    with open(os.path.join(out, "ablation.md"), "w") as f:
+      f.write(markdown(per_mix) + "\n")
+    plot(per_mix, os.path.join(out, "ablation.png"))
+    return
   import runpy  # pylint: disable=g-import-not-at-top
   from omnitrain_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from omnitrain_jax.data import shapes_world  # pylint: disable=g-import-not-at-top
@@ -213,12 +239,7 @@ def main(argv):
       runs.append({"mix": mix, "seed": int(seed), "workdir": workdir,
                    "seconds": time.time() - t0, **summarize(metrics)})
       print(json.dumps(runs[-1]), flush=True)
-  per_mix = {}
-  for r in runs:
-    cols = per_mix.setdefault(r["mix"], {c: [] for c in COLUMNS})
-    for c in COLUMNS:
-      if r[c] is not None:
-        cols[c].append(r[c])
+  per_mix = _per_mix(runs)
   result = {"config": _CONFIG.value, "overrides": _EXTRA.value,
             "seeds": _SEEDS.value, "wall_seconds": time.time() - start,
             "runs": runs,
