@@ -46,20 +46,19 @@ from PIL import Image, ImageDraw
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-_OUT = flags.DEFINE_string("out", "runs/ablation", "Output folder.")
-_CONFIG = flags.DEFINE_string("config", os.path.join(REPO, "configs",
-                                                     "shapes_demo.py"),
-                              "Base config (path[:variant]).")
-_MIXES = flags.DEFINE_list(
-    "mixes", ["det", "det+grd", "det+img", "det+grd+img",
-              "det+grd+img/no_region"], "Stream mixes to train.")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "Seeds (model and data).")
-_CACHE = flags.DEFINE_string("cache_dir", "", "ShapesWorld cache folder.")
-_EXTRA = flags.DEFINE_multi_string("override", [],
-                                   "Extra --config.x=y for every run.")
-_REPLOT = flags.DEFINE_bool("replot", False,
-                            "Only redraw OUT/ablation.{md,png} from "
-                            "OUT/ablation.json.")
+def _define_flags() -> None:
+  """Flags exist only when this file runs as the program (tests import it)."""
+  flags.DEFINE_string("out", "runs/ablation", "Output folder.")
+  flags.DEFINE_string("config", os.path.join(REPO, "configs", "shapes_demo.py"),
+                      "Base config (path[:variant]).")
+  flags.DEFINE_list("mixes", ["det", "det+grd", "det+img", "det+grd+img",
+                              "det+grd+img/no_region"],
+                    "Stream mixes to train.")
+  flags.DEFINE_list("seeds", ["0", "1"], "Seeds (model and data).")
+  flags.DEFINE_string("cache_dir", "", "ShapesWorld cache folder.")
+  flags.DEFINE_multi_string("override", [], "Extra --config.x=y for every run.")
+  flags.DEFINE_bool("replot", False, "Only redraw OUT/ablation.{md,png} from "
+                    "OUT/ablation.json.")
 
 
 def mix_overrides(mix: str, base_batch: dict[str, int]) -> list[str]:
@@ -183,8 +182,9 @@ def _per_mix(runs):
 
 def main(argv):
   del argv
-  if _REPLOT.value:
-    out = os.path.abspath(_OUT.value)
+  f = flags.FLAGS
+  if f.replot:
+    out = os.path.abspath(f.out)
     with open(os.path.join(out, "ablation.json")) as f:
       per_mix = _per_mix(json.load(f)["runs"])
     with open(os.path.join(out, "ablation.md"), "w") as f:
@@ -194,15 +194,15 @@ def main(argv):
   import runpy  # pylint: disable=g-import-not-at-top
   from omnitrain_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from omnitrain_jax.data import shapes_world  # pylint: disable=g-import-not-at-top
-  out = os.path.abspath(_OUT.value)
+  out = os.path.abspath(f.out)
   os.makedirs(out, exist_ok=True)
-  path, _, variant = _CONFIG.value.partition(":")
+  path, _, variant = f.config.partition(":")
   base = runpy.run_path(path)["get_config"](variant or None)
   base.unlock()
-  if _CACHE.value:
-    base.data.cache_dir = _CACHE.value
-  cache_flag = ([f"--config.data.cache_dir={_CACHE.value}"]
-                if _CACHE.value else [])
+  if f.cache_dir:
+    base.data.cache_dir = f.cache_dir
+  cache_flag = ([f"--config.data.cache_dir={f.cache_dir}"]
+                if f.cache_dir else [])
   # One vocabulary for every run, built from all three streams' annotations
   # (a det-only run would otherwise build one without `star`, and could not
   # even be asked about it): novel tokens then exist in every model, and a
@@ -218,18 +218,18 @@ def main(argv):
                                   os.path.join(out, "img_tokens.json")),
   }
   runs, start = [], time.time()
-  for mix in _MIXES.value:
-    for seed in _SEEDS.value:
+  for mix in f.mixes:
+    for seed in f.seeds:
       workdir = os.path.join(out, mix.replace("+", "_").replace("/", "-"),
                              f"seed{seed}")
       log = workdir + ".log"
       os.makedirs(os.path.dirname(workdir), exist_ok=True)
       t0 = time.time()
       _run([sys.executable, "-m", "omnitrain_jax.main",
-            f"--config={_CONFIG.value}", f"--workdir={workdir}",
+            f"--config={f.config}", f"--workdir={workdir}",
             f"--config.seed={seed}", f"--config.data.seed={seed}",
             *cache_flag, *vocab_flag, *mix_overrides(mix, dict(base.data.batch)),
-            *[f"--config.{o}" for o in _EXTRA.value]], log)
+            *[f"--config.{o}" for o in f.override]], log)
       for name, json_path in token_sets.items():
         _run([sys.executable, "-m", "omnitrain_jax.evaluate",
               f"--workdir={workdir}", f"--dataset_json={json_path}",
@@ -240,8 +240,8 @@ def main(argv):
                    "seconds": time.time() - t0, **summarize(metrics)})
       print(json.dumps(runs[-1]), flush=True)
   per_mix = _per_mix(runs)
-  result = {"config": _CONFIG.value, "overrides": _EXTRA.value,
-            "seeds": _SEEDS.value, "wall_seconds": time.time() - start,
+  result = {"config": f.config, "overrides": f.override,
+            "seeds": f.seeds, "wall_seconds": time.time() - start,
             "runs": runs,
             "mean": {m: {c: float(np.mean(v)) if v else None
                          for c, v in cols.items()} for m, cols in per_mix.items()},
@@ -259,4 +259,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
