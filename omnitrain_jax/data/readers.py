@@ -947,7 +947,7 @@ def _grounding_source(*, name, image_dir, images, order, captions, offsets,
       skipped=skipped, num_skipped=num_skipped)
 
 
-class _RefsUnpickler(pickle.Unpickler):
+class RefsUnpickler(pickle.Unpickler):
   """Loads only plain data: a refs file needs no classes, and refusing them
   keeps a downloaded pickle from running code."""
 
@@ -961,7 +961,7 @@ def _load_refs(path: str) -> Any:
   for encoding in ("utf-8", "latin1"):  # Python 2 pickles hold byte strings.
     try:
       with open(path, "rb") as f:
-        return _RefsUnpickler(f, encoding=encoding).load()
+        return RefsUnpickler(f, encoding=encoding).load()
     except FileNotFoundError:
       raise DataError(path, "file", "missing refs file: it does not exist",
                       "check the path in the config") from None

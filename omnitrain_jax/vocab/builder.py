@@ -49,11 +49,11 @@ import io
 import json
 import math
 import os
-import pickle
 
 from etils import epath
 import numpy as np
 
+from omnitrain_jax.data import readers
 from omnitrain_jax.data.errors import DataError
 from omnitrain_jax.vocab import text as text_lib
 from omnitrain_jax.vocab import tokenizer as tokenizer_lib
@@ -239,8 +239,8 @@ def _read_csv(name: str, text: str) -> AnnotationSource:
 def _read_refcoco(name: str, data: bytes) -> AnnotationSource:
   try:
     # refs(umd).p was written by Python 2; latin1 decodes its byte strings.
-    # Note: unpickling runs code from the file; only read files you trust.
-    refs = pickle.loads(data, encoding="latin1")
+    # The readers' unpickler refuses classes, so a file cannot run code.
+    refs = readers.RefsUnpickler(io.BytesIO(data), encoding="latin1").load()
   except Exception as e:  # pickle raises many types on bad input.
     raise DataError(name, "file", f"not a readable pickle ({e!r})",
                     _FORMAT_HELP) from e
