@@ -28,6 +28,7 @@ real candidate sampler) for the three streams.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import time
@@ -257,6 +258,18 @@ def round_floats(tree, digits: int = 4):
 
 
 # ------------------------------------------------------------ synthetic data
+
+
+def emit(report: dict[str, Any], out: str | None) -> dict[str, Any]:
+  """Adds the final load average, rounds, prints the JSON (and writes `out`)."""
+  report["load_average_end"] = load_average()
+  report = round_floats(report)
+  text = json.dumps(report, indent=1)
+  print(text)
+  if out:
+    with open(out, "w") as f:
+      f.write(text + "\n")
+  return report
 
 
 def stream_composition(batch: int) -> dict[str, int]:

@@ -110,7 +110,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import sys
 import time
@@ -550,14 +549,7 @@ def main(argv=None) -> dict[str, Any]:
         "remat with --remat) / step time / peak; HFU counts the recomputed "
         "forward too")
   report["cases"] = cases_out
-  report["load_average_end"] = common.load_average()
-  report = common.round_floats(report)
-  text = json.dumps(report, indent=1)
-  print(text)
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write(text + "\n")
-  return report
+  return common.emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -70,7 +70,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import sys
 import time
@@ -480,14 +479,7 @@ def main(argv=None) -> dict[str, Any]:
       "matcher": args.matcher}
   report["per_vocab"] = results
   report["slopes"] = _slopes(results)
-  report["load_average_end"] = common.load_average()
-  report = common.round_floats(report)
-  text = json.dumps(report, indent=1)
-  print(text)
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write(text + "\n")
-  return report
+  return common.emit(report, args.out)
 
 
 if __name__ == "__main__":
