@@ -143,6 +143,15 @@ class LossConfig:
     grd_softmax: candidates in the grounding softmax: "candidates" | "phrases".
     matcher: Hungarian solver: "jax" (in-graph, default on accelerators) or
       "scipy" (host callback).
+    matches_per_target: predictions matched to each det/grd target (1: DETR's
+      one-to-one matching). With k > 1 every target is repeated k times in the
+      Hungarian cost (H-DETR's one-to-many "hybrid" matching, Jia et al. 2023,
+      here on the same predictions): k patches learn each object, which
+      speeds up learning from scratch, and duplicates must then be removed at
+      inference (``eval.nms_iou``). The det/grd terms are divided by
+      ``k x targets`` so their scale does not grow with k. When
+      ``k x targets > N`` every target is still matched once and the spare
+      predictions go to extra copies of the first targets.
   """
   focal_alpha: float = 0.25
   focal_gamma: float = 2.0
@@ -164,6 +173,7 @@ class LossConfig:
   img_region_neg_weight: float = 1.0
   grd_softmax: str = "candidates"
   matcher: str = "jax"
+  matches_per_target: int = 1
 
   def __post_init__(self):
     if self.matcher not in _MATCHERS:
@@ -183,6 +193,10 @@ class LossConfig:
     if not 0.0 <= self.focal_alpha <= 1.0:
       raise ValueError(
           f"LossConfig.focal_alpha={self.focal_alpha} must be in [0, 1].")
+    if self.matches_per_target < 1:
+      raise ValueError(f"LossConfig.matches_per_target="
+                       f"{self.matches_per_target} must be >= 1 (1: one-to-one "
+                       "matching).")
     if self.focal_gamma < 0:
       raise ValueError(
           f"LossConfig.focal_gamma={self.focal_gamma} must be >= 0.")
@@ -374,8 +388,23 @@ def omni_loss(outputs: Mapping[str, jnp.ndarray],
   cost = jnp.where(box_mask[:, None, :], class_cost + box_cost, 0.0)
   # img examples have no columns to match; real boxes come first (schema).
   num_cols = jnp.where(is_det | is_grd, box_mask.sum(-1), 0).astype(jnp.int32)
-  row_ind, col_ind = matching.linear_sum_assignment(
-      jax.lax.stop_gradient(cost), num_cols, method=config.matcher)
+  k = config.matches_per_target
+  if k == 1:
+    row_ind, col_ind = matching.linear_sum_assignment(
+        jax.lax.stop_gradient(cost), num_cols, method=config.matcher)
+  else:
+    # Column j of the repeated cost is target j mod count, so the first
+    # min(k * count, N) columns hold every target at least once (when
+    # count <= N) and the valid columns stay first, as the matcher expects.
+    rep = jnp.arange(k * m, dtype=jnp.int32)[None, :] % jnp.maximum(
+        num_cols, 1)[:, None]  # [B, kM]
+    rep_cost = jnp.take_along_axis(cost, rep[:, None, :], axis=2)
+    rep_cols = jnp.minimum(k * num_cols, n)
+    row_ind, rep_col = matching.linear_sum_assignment(
+        jax.lax.stop_gradient(rep_cost), rep_cols, method=config.matcher)
+    col_ind = jnp.where(
+        rep_col >= 0,
+        jnp.take_along_axis(rep, jnp.maximum(rep_col, 0), axis=1), -1)
   assign = _assignment_matrix(row_ind, col_ind, n, m)  # [B, N, M]
   assign = jax.lax.stop_gradient(assign * box_mask[:, None, :])
   matched = assign.sum(-1) > 0  # [B, N]
@@ -392,6 +421,8 @@ def omni_loss(outputs: Mapping[str, jnp.ndarray],
   # Global over the batch axis (see the module docstring on sharding).
   num_det = jnp.sum(jnp.where(is_det, num_boxes, 0.0))
   num_grd = jnp.sum(jnp.where(is_grd, num_boxes, 0.0))
+  # Normalizers: k matched predictions per target (see matches_per_target).
+  det_norm, grd_norm = num_det * k, num_grd * k
 
   def stream_mean(per_example, mask, count):
     return jnp.sum(jnp.where(mask, per_example, 0.0)) / jnp.maximum(count, 1.0)
@@ -437,12 +468,12 @@ def omni_loss(outputs: Mapping[str, jnp.ndarray],
         neg_loss / jnp.maximum(neg.sum(), 1.0))
 
   metrics = {
-      "det/token": stream_mean(det_token, is_det, num_det),
-      "det/l1": stream_mean(l1, is_det, num_det),
-      "det/giou": stream_mean(giou_loss, is_det, num_det),
-      "grd/token": stream_mean(grd_token, is_grd, num_grd),
-      "grd/l1": stream_mean(l1, is_grd, num_grd),
-      "grd/giou": stream_mean(giou_loss, is_grd, num_grd),
+      "det/token": stream_mean(det_token, is_det, det_norm),
+      "det/l1": stream_mean(l1, is_det, det_norm),
+      "det/giou": stream_mean(giou_loss, is_det, det_norm),
+      "grd/token": stream_mean(grd_token, is_grd, grd_norm),
+      "grd/l1": stream_mean(l1, is_grd, grd_norm),
+      "grd/giou": stream_mean(giou_loss, is_grd, grd_norm),
       "img/image": stream_mean(img_image, has_cap, num_img),
       "img/region": img_region,
   }

@@ -386,6 +386,53 @@ def test_jax_and_scipy_matchers_give_the_same_loss():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+K2 = dataclasses.replace(CFG, matches_per_target=2)
+
+
+def test_matches_per_target_matches_k_predictions_per_target():
+  batch = make_batch(det_example(), grd_example())
+  out = perfect_outputs(batch)
+  # Predictions 2, 3 duplicate the two targets exactly; 4, 5 stay far away.
+  out["pred_boxes"][:, 2:4] = batch["boxes"][:, :2]
+  for cfg in (CFG, K2):
+    _, metrics, _ = run(out, batch, cfg)
+    for key in ("det/l1", "det/giou", "grd/l1", "grd/giou"):
+      assert abs(float(metrics[key])) < 1e-5, (cfg, key, metrics[key])
+  # Move duplicate 3 off its target: one-to-one matching ignores it (it is
+  # unmatched), two-per-target matching takes it as target 1's second match.
+  out["pred_boxes"][:, 3, :2] += 0.05
+  _, m1, g1 = run(out, batch, CFG)
+  _, m2, g2 = run(out, batch, K2)
+  assert abs(float(m1["det/l1"])) < 1e-5
+  # Normalized per match: 0.1 of L1 on one of 2 targets x 2 matches.
+  np.testing.assert_allclose(m2["det/l1"], 0.1 / 4, rtol=1e-4)
+  np.testing.assert_allclose(m2["grd/l1"], 0.1 / 4, rtol=1e-4)
+  assert np.all(g1["pred_boxes"][:2, 3] == 0)
+  assert np.all(np.any(g2["pred_boxes"][:2, 3] != 0, axis=-1))
+  # The far predictions stay unmatched: no box gradient.
+  assert np.all(g2["pred_boxes"][:2, 4:] == 0)
+
+
+def test_matches_per_target_beyond_the_predictions_matches_every_target():
+  # 4 targets x 2 > N = 6 predictions: all 6 are matched, every target once.
+  boxes = [[0.2, 0.2, 0.1, 0.1], [0.8, 0.2, 0.1, 0.1], [0.2, 0.8, 0.1, 0.1],
+           [0.8, 0.8, 0.1, 0.1]]
+  ex = make_example("det", boxes=boxes, box_tokens=[[DOG]] * 4,
+                    candidates=[DOG, CAT], known=[DOG, CAT], bg=[DOG, CAT])
+  batch = make_batch(ex)
+  out = random_outputs(batch, seed=4)
+  _, metrics, grads = run(out, batch, K2)
+  assert np.isfinite(metrics["loss"])
+  assert np.all(np.any(grads["pred_boxes"][0] != 0, axis=-1))  # 6 matched
+  # Every target is matched once; the N - count spare predictions go to the
+  # second copies of the first targets (0 and 1). A perfect prediction of
+  # each target plus two near targets 0 and 1: L1 only from those two.
+  out["pred_boxes"][0, :4] = boxes
+  out["pred_boxes"][0, 4:] = [[0.21, 0.2, 0.1, 0.1], [0.8, 0.21, 0.1, 0.1]]
+  _, metrics, _ = run(out, batch, K2)
+  np.testing.assert_allclose(metrics["det/l1"], 0.02 / 8, rtol=1e-3)
+
+
 def test_config_from_config_dict_and_errors():
   cfg = omni_loss_lib.LossConfig.from_config(ml_collections.ConfigDict(
       {"focal_alpha": 0.3, "matcher": "scipy"}))
@@ -398,6 +445,8 @@ def test_config_from_config_dict_and_errors():
     omni_loss_lib.LossConfig(matcher="hungarian")
   with pytest.raises(ValueError, match="img_region_pool"):
     omni_loss_lib.LossConfig(img_region_pool="mean")
+  with pytest.raises(ValueError, match="matches_per_target"):
+    omni_loss_lib.LossConfig(matches_per_target=0)
 
 
 def test_shape_mismatch_raises():
