@@ -109,6 +109,10 @@ class EvalOptions:
       ``flickr``), overriding the guess from the reader and the name.
     batch_size: global evaluation batch; 0: ``data.eval_batch_size``.
     max_detections: (box, category) pairs kept per image (COCO/LVIS: 300).
+    nms_iou: per-category NMS IoU over those pairs (det protocols); 0: none,
+      the right choice for one-to-one training. Models trained with
+      ``loss.matches_per_target > 1`` predict each object several times and
+      need it (e.g. 0.5).
     token_chunk: query tokens per logits chunk (memory ``[B, N, chunk]``).
     coco_backend: ``faster_coco_eval`` or ``pycocotools`` (LVIS needs the
       former).
@@ -126,6 +130,7 @@ class EvalOptions:
   protocols: Mapping[str, str] = dataclasses.field(default_factory=dict)
   batch_size: int = 0
   max_detections: int = 300
+  nms_iou: float = 0.0
   token_chunk: int = 1024
   coco_backend: str = "faster_coco_eval"
   max_batches: int | None = None
@@ -146,6 +151,9 @@ class EvalOptions:
     for name in ("max_detections", "token_chunk"):
       if getattr(self, name) < 1:
         raise ValueError(f"eval.{name}={getattr(self, name)} must be >= 1.")
+    if not 0.0 <= self.nms_iou < 1.0:
+      raise ValueError(f"eval.nms_iou={self.nms_iou} must be in [0, 1) "
+                       "(0: no NMS).")
     if self.max_batches is not None and self.max_batches < 1:
       raise ValueError(f"eval.max_batches={self.max_batches} must be >= 1 "
                        "or None (all).")
@@ -319,6 +327,8 @@ def restore_params(workdir: str, abstract_state: Any,
   Returns:
     (params, step).
   """
+  if "://" not in workdir:  # Orbax reads only absolute paths.
+    workdir = os.path.abspath(os.path.expanduser(workdir))
   steps = finished_steps(workdir)
   if not steps:
     raise ValueError(f"No finished checkpoint in {workdir}/"
@@ -524,6 +534,7 @@ class Evaluator:
     n = self.model.num_patches
     k = min(self.options.max_detections, n * len(qs))
     chunk, trivial = union.chunk_size, union.trivial_groups
+    nms = self.options.nms_iou or None
 
     def det_fn(params, batch, consts):
       enc = self._encode(params, batch["image"])
@@ -531,8 +542,8 @@ class Evaluator:
           enc, self._embed_fn(params), consts["token_ids"], consts["weights"],
           consts["variant_valid"], consts["groups"], chunk_size=chunk,
           trivial_groups=trivial)  # [B, N, P]
-      top, labels, boxes = inference.detect_top_k(scores, enc["pred_boxes"],
-                                                  k)
+      top, labels, boxes = inference.detect_top_k(
+          scores, enc["pred_boxes"], k, nms_iou_threshold=nms)
       return {"scores": top, "labels": labels, "boxes": boxes,
               **{key: batch[key] for key in _FEED_KEYS if key != "image"}}
 
@@ -826,6 +837,9 @@ def _define_flags() -> None:
                     "neg_category_ids).")
   flags.DEFINE_integer("max_detections", None,
                        "Detections per image (default: config.eval, 300).")
+  flags.DEFINE_float("nms_iou", None,
+                     "Per-category NMS IoU of detections (default: "
+                     "config.eval, 0 = none).")
   flags.DEFINE_enum("coco_backend", None, list(coco_metrics.BACKENDS),
                     "COCO AP tool (default: config.eval, faster_coco_eval).")
   flags.DEFINE_integer("batch_size", None,
@@ -854,7 +868,7 @@ def main(argv: Sequence[str]) -> None:
   s = train.setup(config)
   options = EvalOptions.from_config(
       config, datasets=f.datasets, max_detections=f.max_detections,
-      coco_backend=f.coco_backend, batch_size=f.batch_size,
+      nms_iou=f.nms_iou, coco_backend=f.coco_backend, batch_size=f.batch_size,
       max_batches=f.max_batches)
   info, datasets = s.info, None
   if f.dataset_json:

@@ -227,6 +227,36 @@ def test_lvis_file_by_path(run, tmp_path):
     assert f"eval/lvis_like/{key}" in metrics, key
 
 
+def test_nms_and_a_relative_workdir(run, tmp_path):
+  """--nms_iou: no two kept detections of one category overlap above it."""
+  workdir, _, _ = run
+  # A copy, so this run's eval files do not race the other tests' reads.
+  work = tmp_path / "work"
+  shutil.copytree(workdir, work)
+  rel = os.path.relpath(work, REPO)  # The binary runs in REPO.
+  _run(_evaluate_cmd(rel, "--nms_iou=0.3", "--datasets=shapes_det"), _env())
+  dets = json.loads(
+      (work / "eval" / "6" / "detections_shapes_det.json").read_text())
+  assert dets
+  groups = {}
+  for d in dets:
+    assert d["score"] >= 0  # Suppressed pairs are not written.
+    groups.setdefault((d["image_id"], d["category_id"]), []).append(d["bbox"])
+  for boxes in groups.values():
+    b = np.asarray(boxes, np.float64)
+    x0, y0 = b[:, 0], b[:, 1]
+    x1, y1 = x0 + b[:, 2], y0 + b[:, 3]
+    iw = np.clip(np.minimum(x1[:, None], x1) - np.maximum(x0[:, None], x0),
+                 0, None)
+    ih = np.clip(np.minimum(y1[:, None], y1) - np.maximum(y0[:, None], y0),
+                 0, None)
+    inter = iw * ih
+    area = b[:, 2] * b[:, 3]
+    iou = inter / np.maximum(area[:, None] + area - inter, 1e-9)
+    np.fill_diagonal(iou, 0)
+    assert iou.max() <= 0.3 + 1e-3
+
+
 def test_run_evaluation_in_process(run, tmp_path):
   """The trainer's entry point: returns the metrics, writes, caches."""
   import ml_collections

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from omnitrain_jax.data import schema
+from omnitrain_jax.losses import box_ops
 from omnitrain_jax.losses import scoring
 from omnitrain_jax.models.omnidet import token_logits
 
@@ -86,14 +87,22 @@ def union_query_scores(encoded: Mapping[str, jax.Array],
   return jnp.max(jnp.where(groups >= 0, picked, 0.0), axis=-1)
 
 
-def detect_top_k(scores: jax.Array, boxes: jax.Array, k: int
+def detect_top_k(scores: jax.Array, boxes: jax.Array, k: int,
+                 nms_iou_threshold: float | None = None
                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """The k best (box, query) pairs of each image.
+  """The k best (box, query) pairs of each image, optionally after NMS.
+
+  With `nms_iou_threshold`, greedy NMS runs per query among the k pairs
+  (the usual "top-k, then per-class NMS" of COCO detectors): a pair is
+  dropped when a higher-scoring pair of the *same* query overlaps it with
+  IoU above the threshold. Dropped pairs get score -1 and are sorted last
+  (`detections.coco_results` skips them); shapes stay static.
 
   Args:
     scores: ``[B, N, P]``.
-    boxes: ``[B, N, 4]``.
+    boxes: ``[B, N, 4]`` (cx, cy, w, h).
     k: pairs per image (static), ``<= N * P``.
+    nms_iou_threshold: None for no NMS.
 
   Returns:
     (scores ``[B, k]`` descending, query indices int32 ``[B, k]``, boxes
@@ -105,6 +114,18 @@ def detect_top_k(scores: jax.Array, boxes: jax.Array, k: int
   top, flat = jax.lax.top_k(scores.reshape(b, n * p), k)  # [B, k]
   box_index, labels = flat // p, flat % p
   top_boxes = jnp.take_along_axis(boxes, box_index[..., None], axis=1)
+  if nms_iou_threshold is not None:
+    # Pairs of different queries never overlap once each query's boxes are
+    # moved to their own region of the plane (torchvision's batched_nms).
+    xyxy = box_ops.cxcywh_to_xyxy(top_boxes.astype(jnp.float32))
+    span = jnp.max(jnp.abs(xyxy)) * 2.0 + 1.0
+    shifted = xyxy + (labels.astype(jnp.float32) * span)[..., None]
+    keep = scoring.nms_keep(shifted, top, nms_iou_threshold)  # [B, k]
+    top = jnp.where(keep, top, -1.0)
+    order = jnp.argsort(-top, axis=-1, stable=True)
+    top = jnp.take_along_axis(top, order, axis=-1)
+    labels = jnp.take_along_axis(labels, order, axis=-1)
+    top_boxes = jnp.take_along_axis(top_boxes, order[..., None], axis=1)
   return top, labels.astype(jnp.int32), top_boxes
 
 

@@ -91,6 +91,29 @@ def test_detect_top_k_matches_a_flat_sort():
     inference.detect_top_k(scores, boxes, 21)
 
 
+def test_detect_top_k_nms_is_per_query():
+  # One image, N = 4 boxes, P = 2 queries. Boxes 0 and 1 overlap (IoU 0.9),
+  # box 2 is elsewhere, box 3 overlaps box 0 a little (IoU ~0.2).
+  boxes = np.array([[[0.3, 0.3, 0.2, 0.2], [0.3, 0.305, 0.2, 0.2],
+                     [0.8, 0.8, 0.1, 0.1], [0.4, 0.3, 0.2, 0.2]]], np.float32)
+  scores = np.array([[[0.9, 0.1], [0.8, 0.7], [0.5, 0.05], [0.4, 0.02]]],
+                    np.float32)
+  top, labels, top_boxes = map(np.asarray, inference.detect_top_k(
+      scores, boxes, 8, nms_iou_threshold=0.5))
+  kept = [(round(float(s), 2), int(l)) for s, l in zip(top[0], labels[0])
+          if s >= 0]
+  # Query 0: box 1 (0.8) is suppressed by box 0 (0.9); box 3 (IoU < 0.5)
+  # stays. Query 1: box 1 (0.7) is its best, so box 0 (0.1) is suppressed --
+  # a box of the other query never suppresses.
+  assert kept == [(0.9, 0), (0.7, 1), (0.5, 0), (0.4, 0), (0.05, 1),
+                  (0.02, 1)]
+  assert np.all(top[0, len(kept):] == -1)
+  np.testing.assert_allclose(top_boxes[0, 1], boxes[0, 1])
+  # Without NMS: the plain top-k.
+  plain, _, _ = inference.detect_top_k(scores, boxes, 8)
+  np.testing.assert_allclose(plain[0], np.sort(scores[0].ravel())[::-1])
+
+
 def test_per_image_queries_and_grounding_top_k():
   enc = _encoded(b=2, n=6)
   table = np.random.default_rng(4).normal(size=(15, 8)).astype(np.float32)
