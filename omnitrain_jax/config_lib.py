@@ -105,6 +105,7 @@ def model_config(variant: str = "B/16", image_size: int = 768, **overrides):
       dtype="float32",  # "bfloat16" on TPU/GPU: compute dtype, params stay f32.
       remat=False,
       remat_policy="nothing_saveable",
+      stem="patch",  # "conv": stride-2 3x3 convolutions (from scratch only).
       dropout=0.0,
       droppath=0.0,
       width=ml_collections.FieldReference(None, field_type=int),

@@ -173,6 +173,8 @@ class OmniDet(nn.Module):
       all outputs stay float32.
     remat: rematerialise each ViT block in the backward pass.
     remat_policy: `jax.checkpoint_policies` name (see `vit.REMAT_POLICIES`).
+    stem: "patch" (ViT; checkpoints) or "conv" (`vit.ConvStem`, for training
+      from scratch).
     attention_impl: "xla" (default), "auto" (cuDNN flash attention on GPU in
       bf16/fp16, XLA otherwise) or "cudnn"; see `vit.ATTENTION_IMPLS`.
     dropout: dropout rate in the ViT blocks (train only).
@@ -190,6 +192,7 @@ class OmniDet(nn.Module):
   remat: bool = False
   remat_policy: str = "nothing_saveable"
   attention_impl: str = "xla"
+  stem: str = "patch"
   dropout: float = 0.0
   droppath: float = 0.0
   width: int | None = None
@@ -262,7 +265,7 @@ class OmniDet(nn.Module):
     self.backbone = vit.VisionTransformer(
         **cfg, dtype=self.dtype, dropout=self.dropout, droppath=self.droppath,
         remat=self.remat, remat_policy=self.remat_policy,
-        attention_impl=self.attention_impl)
+        attention_impl=self.attention_impl, stem=self.stem)
     self.merged_class_token = nn.LayerNorm(
         dtype=self.dtype,
         scale_init=_wlp(nn.initializers.ones_init(), ("embed",)),

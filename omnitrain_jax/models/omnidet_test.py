@@ -11,6 +11,7 @@ import pytest
 
 from omnitrain_jax.models import box_bias
 from omnitrain_jax.models import omnidet
+from omnitrain_jax.models import vit
 
 TINY = dict(variant="Ti/16", image_size=64, vocab_size=50, width=32, depth=2,
             num_heads=2, mlp_dim=64)
@@ -292,3 +293,31 @@ def test_every_parameter_has_logical_axis_names():
   assert all(isinstance(x, nn.LogicallyPartitioned) for x in
              jax.tree_util.tree_leaves(
                  variables, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)))
+
+
+def test_conv_stem_keeps_the_token_grid_and_is_named_for_sharding():
+  model, variables = _tiny(stem="conv")
+  out = _forward(model, variables, *_inputs())
+  ref = _tiny_out()
+  for key in ("pred_boxes", "pred_logits", "image_logits"):
+    assert out[key].shape == ref[key].shape, key
+    assert np.all(np.isfinite(out[key])), key
+  stem = variables["params"]["backbone"]["conv_stem"]
+  # Patch 16: four stride-2 convolutions, width 32 -> 4, 8, 16, 32 channels
+  # (at least 8), then the 1x1 projection to the width.
+  assert [stem[f"conv_{i}"]["kernel"].shape for i in range(4)] == [
+      (3, 3, 3, 8), (3, 3, 8, 8), (3, 3, 8, 16), (3, 3, 16, 32)]
+  assert stem["embedding"]["kernel"].shape == (1, 1, 32, 32)
+  assert "embedding" not in variables["params"]["backbone"]
+  # Every stem parameter has a logical axis per dimension.
+  boxed = jax.eval_shape(
+      functools.partial(model.init, train=False), jax.random.key(0),
+      *_inputs())
+  specs = nn.get_partition_spec(boxed)["params"]["backbone"]["conv_stem"]
+  for path, spec in jax.tree_util.tree_leaves_with_path(
+      specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)):
+    assert all(name is not None for name in spec), (path, spec)
+  with pytest.raises(ValueError, match="power-of-two"):
+    vit.ConvStem(32, 14).init(jax.random.key(0), jnp.zeros((1, 56, 56, 3)))
+  with pytest.raises(ValueError, match="stem="):
+    _tiny(stem="pixels")

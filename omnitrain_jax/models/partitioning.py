@@ -24,6 +24,7 @@ class_embed   output dimension of the class-embedding projection (D)
 candidates    the Q candidate tokens of an example (activations only)
 box           the 4 box coordinates (box head output)
 conv_h/w/in   patch-embedding kernel height, width, input channels
+conv_out      output channels of the conv stem's 3x3 layers (not sharded)
 ============  ================================================================
 
 Rules are tried in order and a mesh axis is used at most once per array
@@ -66,6 +67,7 @@ DEFAULT_LOGICAL_RULES: LogicalRules = (
     ("conv_h", None),
     ("conv_w", None),
     ("conv_in", None),
+    ("conv_out", None),
 )
 
 # As DEFAULT plus FSDP/ZeRO-3: every parameter with an ``embed`` axis (all the

@@ -61,6 +61,12 @@ PATCH_SIZES = (8, 14, 16, 32)  # /8: AugReg B/8; /14: CLIP-style L/14.
 # largest logit difference against XLA attention.
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 
+# How pixels become tokens: "patch" (ViT's linear patch embedding, the layout
+# of big_vision / AugReg checkpoints) or "conv" (a stack of stride-2 3x3
+# convolutions, Xiao et al. 2021, "Early convolutions help transformers see
+# better": faster, steadier optimisation when training from scratch).
+STEMS = ("patch", "conv")
+
 REMAT_POLICIES = (
     "nothing_saveable",
     "dots_saveable",
@@ -343,6 +349,47 @@ class Encoder(nn.Module):
     return _layer_norm("encoder_norm", self.dtype)(x)
 
 
+class ConvStem(nn.Module):
+  """Stride-2 3x3 convolutions down to one token per patch, then a 1x1.
+
+  ``log2(patch_size)`` convolutions (patch 16: four), channels doubling up
+  to `width` (16: ``width/8, width/4, width/2, width``), each followed by
+  LayerNorm over channels and GELU (Xiao et al. 2021 use BatchNorm + ReLU;
+  LayerNorm keeps the model free of batch statistics), then a 1x1
+  projection to `width` ("embedding"). The token grid equals the patch
+  stem's, so everything downstream (position embeddings, box bias, N) is
+  unchanged. Not in big_vision / AugReg checkpoints: use it from scratch.
+  """
+  width: int
+  patch_size: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    n = int(round(math.log2(self.patch_size)))
+    if 2 ** n != self.patch_size:
+      raise ValueError(f"stem='conv' needs a power-of-two patch size; got "
+                       f"{self.patch_size} (use 8, 16 or 32, or stem='patch')."
+                       )
+    for i in range(n):
+      channels = max(self.width // 2 ** (n - 1 - i), 8)
+      x = nn.Conv(
+          channels, (3, 3), strides=(2, 2), padding="SAME", dtype=self.dtype,
+          use_bias=False, name=f"conv_{i}",
+          kernel_init=_wlp(nn.initializers.he_normal(),
+                           ("conv_h", "conv_w", "conv_in", "conv_out")))(x)
+      x = nn.LayerNorm(
+          dtype=self.dtype, name=f"norm_{i}",
+          scale_init=_wlp(nn.initializers.ones_init(), ("conv_out",)),
+          bias_init=_wlp(nn.initializers.zeros_init(), ("conv_out",)))(x)
+      x = nn.gelu(x)
+    return nn.Conv(
+        self.width, (1, 1), dtype=self.dtype, name="embedding",
+        kernel_init=_wlp(nn.initializers.lecun_normal(),
+                         ("conv_h", "conv_w", "conv_in", "embed")),
+        bias_init=_wlp(nn.initializers.zeros_init(), ("embed",)))(x)
+
+
 class VisionTransformer(nn.Module):
   """ViT encoder with a CLS token and learned position embeddings.
 
@@ -358,6 +405,7 @@ class VisionTransformer(nn.Module):
     remat: rematerialise each block in the backward pass (saves memory).
     remat_policy: a `jax.checkpoint_policies` name, see `REMAT_POLICIES`.
     attention_impl: attention kernel, see `ATTENTION_IMPLS`.
+    stem: "patch" or "conv", see `STEMS` and `ConvStem`.
   """
   width: int
   depth: int
@@ -370,6 +418,7 @@ class VisionTransformer(nn.Module):
   remat: bool = False
   remat_policy: str = "nothing_saveable"
   attention_impl: str = "xla"
+  stem: str = "patch"
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool
@@ -386,13 +435,19 @@ class VisionTransformer(nn.Module):
       ``[B, h, w, width]``, both after the final LayerNorm, in `dtype`.
     """
     p = self.patch_size
-    x = nn.Conv(
-        self.width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
-        name="embedding",
-        kernel_init=_wlp(nn.initializers.lecun_normal(),
-                         ("conv_h", "conv_w", "conv_in", "embed")),
-        bias_init=_wlp(nn.initializers.zeros_init(), ("embed",)))(
-            images.astype(self.dtype))  # [B, h, w, D]
+    if self.stem == "patch":
+      x = nn.Conv(
+          self.width, (p, p), strides=(p, p), padding="VALID",
+          dtype=self.dtype, name="embedding",
+          kernel_init=_wlp(nn.initializers.lecun_normal(),
+                           ("conv_h", "conv_w", "conv_in", "embed")),
+          bias_init=_wlp(nn.initializers.zeros_init(), ("embed",)))(
+              images.astype(self.dtype))  # [B, h, w, D]
+    elif self.stem == "conv":
+      x = ConvStem(self.width, p, dtype=self.dtype, name="conv_stem")(
+          images.astype(self.dtype))  # [B, h, w, D]
+    else:
+      raise ValueError(f"stem={self.stem!r}; use one of {STEMS}.")
     b, h, w, d = x.shape
     x = jnp.reshape(x, (b, h * w, d))
     posemb = self.param(
