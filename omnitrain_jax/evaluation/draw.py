@@ -29,21 +29,31 @@ def _font(size: int) -> ImageFont.ImageFont:
 
 
 def draw_detections(image: np.ndarray | Image.Image,
-                    detections: Sequence[Mapping[str, Any]]) -> Image.Image:
+                    detections: Sequence[Mapping[str, Any]],
+                    min_side: int = 512) -> Image.Image:
   """Draws boxes with "label score" tags.
 
   Args:
     image: uint8 ``[H, W, 3]`` (or ``[H, W]``) array, or a PIL image.
     detections: dicts with ``box_xyxy`` (original pixels), ``score``,
       ``query`` (label text) and optionally ``query_index`` (color).
+    min_side: an image whose longest side is below this is first enlarged
+      by the smallest integer factor that reaches it (nearest neighbour, so
+      pixels stay sharp), boxes with it: labels on a 128 px image would
+      otherwise cover the objects. 0 keeps every image at its size.
 
   Returns:
-    A new RGB PIL image of the input's size.
+    A new RGB PIL image: the input's size times that factor.
   """
   if isinstance(image, Image.Image):
     canvas = image.convert("RGB")
   else:
     canvas = Image.fromarray(np.asarray(image, np.uint8)).convert("RGB")
+  factor = 1
+  if min_side and max(canvas.size) < min_side:
+    factor = -(-min_side // max(canvas.size))  # ceil
+    canvas = canvas.resize((canvas.width * factor, canvas.height * factor),
+                           Image.NEAREST)
   w, h = canvas.size
   side = max(w, h)
   width = max(1, round(side / 300))
@@ -52,7 +62,7 @@ def draw_detections(image: np.ndarray | Image.Image,
   # Lowest score first so the best boxes end up on top.
   for det in sorted(detections, key=lambda d: d["score"]):
     color = PALETTE[int(det.get("query_index", 0)) % len(PALETTE)]
-    x0, y0, x1, y1 = (float(v) for v in det["box_xyxy"])
+    x0, y0, x1, y1 = (float(v) * factor for v in det["box_xyxy"])
     draw.rectangle([x0, y0, max(x0, x1), max(y0, y1)], outline=color,
                    width=width)
     label = f"{det['query']} {det['score']:.2f}"
