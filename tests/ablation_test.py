@@ -46,3 +46,38 @@ def test_token_dataset_boxes_every_object_with_the_token(tmp_path):
     by_cat.setdefault(a["category_id"], []).append(a["bbox"])
   assert by_cat == {1: [[0, 0, 2, 2], [3, 3, 2, 2]], 2: [[6, 6, 2, 2]]}
   assert len({a["id"] for a in data["annotations"]}) == 3
+
+
+def test_core_groups_are_disjoint_and_cover_the_cores():
+  import os
+  groups = ABLATION["core_groups"](2)
+  assert len(groups) == 2
+  if hasattr(os, "sched_getaffinity") and len(os.sched_getaffinity(0)) >= 2:
+    assert not groups[0] & groups[1]
+    assert groups[0] | groups[1] == set(os.sched_getaffinity(0))
+  assert ABLATION["core_groups"](1) == [None]
+
+
+def test_two_mixes_end_to_end_two_at_a_time(tmp_path):
+  """The one command, on the tiny config: JSON, table and plot."""
+  import subprocess
+  import sys
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  out = tmp_path / "ablation"
+  proc = subprocess.run(
+      [sys.executable, str(repo / "experiments" / "ablation.py"),
+       f"--out={out}", "--mixes=det,det+grd", "--seeds=0", "--jobs=2",
+       f"--config={repo / 'configs' / 'shapes_demo.py'}:tiny",
+       f"--cache_dir={tmp_path / 'cache'}"],
+      capture_output=True, text=True, timeout=900, cwd=str(repo))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads((out / "ablation.json").read_text())
+  assert [(r["mix"], r["seed"]) for r in result["runs"]] == [("det", 0),
+                                                             ("det+grd", 0)]
+  for r in result["runs"]:
+    for key in ("base_AP50", "grd_novel_AP50", "grounding_acc50",
+                "grd_token_AP50", "img_token_AP50"):
+      assert r[key] is not None and 0.0 <= r[key] <= 1.0, (r["mix"], key)
+  table = (out / "ablation.md").read_text()
+  assert "| det+grd |" in table
+  assert (out / "ablation.png").stat().st_size > 1000
