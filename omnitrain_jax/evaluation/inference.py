@@ -115,12 +115,9 @@ def detect_top_k(scores: jax.Array, boxes: jax.Array, k: int,
   box_index, labels = flat // p, flat % p
   top_boxes = jnp.take_along_axis(boxes, box_index[..., None], axis=1)
   if nms_iou_threshold is not None:
-    # Pairs of different queries never overlap once each query's boxes are
-    # moved to their own region of the plane (torchvision's batched_nms).
     xyxy = box_ops.cxcywh_to_xyxy(top_boxes.astype(jnp.float32))
-    span = jnp.max(jnp.abs(xyxy)) * 2.0 + 1.0
-    shifted = xyxy + (labels.astype(jnp.float32) * span)[..., None]
-    keep = scoring.nms_keep(shifted, top, nms_iou_threshold)  # [B, k]
+    keep = scoring.nms_keep(xyxy, top, nms_iou_threshold,
+                            groups=labels)  # [B, k]
     top = jnp.where(keep, top, -1.0)
     order = jnp.argsort(-top, axis=-1, stable=True)
     top = jnp.take_along_axis(top, order, axis=-1)

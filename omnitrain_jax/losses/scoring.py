@@ -260,7 +260,8 @@ def top_k_boxes(scores: jnp.ndarray, boxes: jnp.ndarray, k: int
 
 
 def nms_keep(boxes_xyxy: jnp.ndarray, scores: jnp.ndarray,
-             iou_threshold: float) -> jnp.ndarray:
+             iou_threshold: float,
+             groups: jnp.ndarray | None = None) -> jnp.ndarray:
   """Greedy non-maximum suppression with static shapes.
 
   In descending score order a box is kept unless it overlaps a kept,
@@ -272,6 +273,8 @@ def nms_keep(boxes_xyxy: jnp.ndarray, scores: jnp.ndarray,
     boxes_xyxy: ``[..., K, 4]`` boxes ``x0, y0, x1, y1``.
     scores: ``[..., K]`` scores.
     iou_threshold: suppress at IoU above this.
+    groups: optional int ``[..., K]``: a box only suppresses boxes of its
+      own group (per-class NMS over a mixed list).
 
   Returns:
     bool ``[..., K]`` keep mask, in the input order.
@@ -281,6 +284,9 @@ def nms_keep(boxes_xyxy: jnp.ndarray, scores: jnp.ndarray,
   sorted_boxes = jnp.take_along_axis(boxes_xyxy, order[..., None], axis=-2)
   overlap = box_ops.pairwise_box_iou(sorted_boxes,
                                      sorted_boxes) > iou_threshold  # [...,K,K]
+  if groups is not None:
+    g = jnp.take_along_axis(groups, order, axis=-1)
+    overlap &= g[..., :, None] == g[..., None, :]
   pos = jnp.arange(kk)
 
   def body(i, keep):

@@ -129,6 +129,24 @@ def test_nms_keep_matches_reference():
           keep[i, j], _np_nms(xyxy[i, j], scores[i, j], 0.5))
 
 
+def test_nms_keep_with_groups_is_nms_per_group():
+  rng = np.random.default_rng(1)
+  cxcy = rng.uniform(0.3, 0.7, (2, 30, 2))
+  wh = rng.uniform(0.1, 0.3, (2, 30, 2))
+  xyxy = np.asarray(box_ops.cxcywh_to_xyxy(
+      np.concatenate([cxcy, wh], -1).astype(np.float32)))
+  scores = rng.uniform(size=(2, 30)).astype(np.float32)
+  groups = rng.integers(0, 3, (2, 30)).astype(np.int32)
+  keep = np.asarray(scoring.nms_keep(xyxy, scores, 0.5, groups=groups))
+  for i in range(2):
+    for g in range(3):
+      sel = groups[i] == g
+      np.testing.assert_array_equal(
+          keep[i][sel], _np_nms(xyxy[i][sel], scores[i][sel], 0.5))
+  # Groups keep more than one NMS over everything.
+  assert keep.sum() > np.asarray(scoring.nms_keep(xyxy, scores, 0.5)).sum()
+
+
 def test_top_k_detections_nms_per_query_and_class_agnostic():
   box = [0.5, 0.5, 0.2, 0.2]
   near = [0.51, 0.5, 0.2, 0.2]  # IoU ~0.9 with box.
