@@ -116,10 +116,18 @@ def core_groups(jobs: int) -> list[set[int] | None]:
 
 def _run(cmd: list[str], log_path: str,
          cores: set[int] | None = None) -> None:
-  pin = (lambda: os.sched_setaffinity(0, cores)) if cores else None
+  # Pinned from the parent, not with preexec_fn (unsafe in a threaded
+  # program): right after the child starts, long before JAX creates threads
+  # (they inherit the main thread's affinity).
   with open(log_path, "a") as log:
-    proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                          preexec_fn=pin)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log,
+                            stderr=subprocess.STDOUT)
+    if cores:
+      try:
+        os.sched_setaffinity(proc.pid, cores)
+      except OSError:  # Already exited; its return code tells.
+        pass
+    proc.wait()
   if proc.returncode:
     raise RuntimeError(f"{' '.join(cmd)} failed; see {log_path}")
 
