@@ -41,7 +41,9 @@ Output, per image, in ``--out`` (default ``WORKDIR/predict``):
   displayed, best first; with ``--describe=K`` each detection also has
   ``top_tokens`` (``[[token, probability], ...]``, chunked full-vocabulary
   top-k);
-* ``<stem>.png``: the image with the boxes and "query score" labels.
+* ``<stem>.png``: the image with the boxes and "query score" labels (an
+  image under 512 px is drawn enlarged by an integer factor, so the labels
+  do not hide the objects; the JSON stays in original pixels).
 
 Per query the ``--max_boxes`` best boxes above ``--threshold`` are kept,
 after greedy NMS per query at IoU ``--nms_iou`` (0 disables it; one-to-one
