@@ -146,9 +146,10 @@ class LossConfig:
     matches_per_target: predictions matched to each det/grd target (1: DETR's
       one-to-one matching). With k > 1 every target is repeated k times in the
       Hungarian cost (H-DETR's one-to-many "hybrid" matching, Jia et al. 2023,
-      here on the same predictions): k patches learn each object, which
-      speeds up learning from scratch, and duplicates must then be removed at
-      inference (``eval.nms_iou``). The det/grd terms are divided by
+      here on the same predictions): k patches learn each object -- meant to
+      speed up learning from scratch, which it did not on ShapesWorld (README,
+      "What the demo reaches here") -- and duplicates must then be removed
+      at inference (``eval.nms_iou``). The det/grd terms are divided by
       ``k x targets`` so their scale does not grow with k. When
       ``k x targets > N`` every target is still matched once and the spare
       predictions go to extra copies of the first targets.
