@@ -427,20 +427,3 @@ def demo_config(*, variant: str | None = None, image_size: int = 128,
     config.batch_size = batch
     config.loss.matcher = matcher
   return config
-
-
-def fake_data_info(config, vocab_size: int):
-  """A `DataInfo` with a `vocab_size`-token vocabulary and no files.
-
-  `train.setup` reads only the vocabulary's size and the spec from it, so
-  the benchmarks need no generated dataset.
-  """
-  # pylint: disable=import-outside-toplevel
-  from omnitrain_jax.data import pipeline
-  from omnitrain_jax.vocab import vocabulary
-  vocab = vocabulary.Vocabulary(
-      [f"w{i}" for i in range(vocab_size - vocabulary.NUM_RESERVED)])
-  assert len(vocab) == vocab_size, (len(vocab), vocab_size)
-  return pipeline.DataInfo(root="", sources={}, vocab_path="", vocab=vocab,
-                           tokenizer=None,
-                           spec=pipeline.spec_from_config(config.data))

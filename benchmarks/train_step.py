@@ -9,7 +9,7 @@ r"""The full OmniDet train step against a bare ViT forward+backward (JSON).
 What runs, side by side in one process (each variant once per round,
 round-robin, minimum over rounds; see `common.Timer`):
 
-* ``full_step``: `train.setup(config).train_step` -- the real jitted step
+* ``full_step``: `model_setup.create(config, ...).train_step` -- the real jitted step
   (OmniDet forward+backward, Hungarian matching, the three-stream loss,
   global-norm clipping, AdamW with two learning rates, the non-finite guard
   as a ``lax.cond``), state donated, on a synthetic batch with the schema's
@@ -36,7 +36,7 @@ And the breakdown, to find where the full step loses time (``--components``):
   and moments), three ways, side by side -- the comparison behind the
   trainer's choice of non-finite guard:
 
-  - ``optimizer_cond_guard``: what `train_state.train_step` does (isfinite
+  - ``optimizer_cond_guard``: what `train_step.train_step` does (isfinite
     per group, then ``lax.cond(finite, update, keep)``);
   - ``optimizer_where_guard``: the previous guard, kept for comparison only
     (the update always runs, then ``jnp.where(finite, new, old)`` over every
@@ -97,7 +97,7 @@ quarter to a third of the step. The where guard's keep-or-replace
 (`jnp.where` over params and moments) made the optimizer 1.6-2.8x slower
 alone and the step 3x slower to compile; the ``lax.cond`` guard (full step
 2-5% faster here, within noise for B/16) removed most of both, so the
-trainer (`train_state.train_step`) now uses it, and ``full_step`` measures
+trainer (`train_step.train_step`) now uses it, and ``full_step`` measures
 it. The where guard is kept only as the optimizer-level comparison
 (``optimizer_where_guard`` vs ``optimizer_cond_guard`` and
 ``optimizer_bare``). Updating only the gathered table rows (benchmarks/
@@ -126,11 +126,11 @@ if __package__ in (None, ""):  # Run as a script: make `benchmarks` importable.
 
 from benchmarks import common  # pylint: disable=g-import-not-at-top
 from omnitrain_jax import matching  # pylint: disable=g-import-not-at-top
+from omnitrain_jax import model_setup
 from omnitrain_jax import sharding
-from omnitrain_jax import train
+from omnitrain_jax.data import pipeline
 from omnitrain_jax.losses import omni_loss as omni_loss_lib
 from omnitrain_jax.models import omnidet
-from omnitrain_jax.models import partitioning
 from omnitrain_jax.models import vit
 
 CPU_CASES = (  # (variant, image_size, batch): the anchors of FACTS.md.
@@ -140,7 +140,7 @@ CPU_CASES = (  # (variant, image_size, batch): the anchors of FACTS.md.
 # The optimizer alone, with the trainer's guard, the previous guard (kept for
 # comparison) and none: name -> the `guard` of `_optimizer_tail`.
 OPTIMIZER_COMPONENTS = {
-    "optimizer_cond_guard": "cond",    # What `train_state.train_step` does.
+    "optimizer_cond_guard": "cond",    # What `train_step.train_step` does.
     "optimizer_where_guard": "where",  # The previous guard, for comparison.
     "optimizer_bare": "none",
 }
@@ -171,7 +171,7 @@ def _trivial_loss(tree) -> jax.Array:
 def _optimizer_tail(params, opt_state, grads, loss, *, tx, guard: str):
   """The step after the gradient, with one of three non-finite guards.
 
-  ``guard="cond"`` mirrors `train_state.train_step` (per-group isfinite, then
+  ``guard="cond"`` mirrors `train_step.train_step` (per-group isfinite, then
   the update inside ``lax.cond(finite, update, keep)``; keep in sync);
   ``"where"`` is the guard the trainer used before, kept for comparison (the
   update always runs, then ``jnp.where(finite, new, old)`` over every
@@ -224,17 +224,17 @@ def run_case(*, variant: str, image_size: int, batch: int, dtype: str,
       num_candidates=num_candidates, max_boxes=max_boxes, matcher=matcher,
       remat=remat, remat_policy=remat_policy, attention_impl=attention_impl,
       dims=dims)
-  info = common.fake_data_info(config, vocab_size)
-  s = train.setup(config, info=info)
-  rules = partitioning.get_rules(config.logical_rules)
-  model, tx = s.model, s.tx
-  loss_config = train.loss_config(config)
+  spec = pipeline.spec_from_config(config.data)
+  setup = model_setup.create(config, vocab_size=vocab_size, spec=spec)
+  rules = setup.rules
+  model, tx = setup.model, setup.tx
+  loss_config = model_setup.loss_config(config)
 
   host_batch = common.synthetic_batch(
-      info.spec, config.data.batch, vocab_size, seed=seed)
-  batch_arrays = jax.device_put(host_batch, sharding.batch_sharding(s.mesh))
+      spec, config.data.batch, vocab_size, seed=seed)
+  batch_arrays = jax.device_put(host_batch, sharding.batch_sharding(setup.mesh))
   images, cands = batch_arrays["image"], batch_arrays["candidates"]
-  state = s.init_fn(seed)
+  state = setup.init_fn(seed)
   params = state.params
   counts = omnidet.param_counts(params)
   key = jax.random.key(seed)
@@ -243,10 +243,10 @@ def run_case(*, variant: str, image_size: int, batch: int, dtype: str,
   timer = common.Timer()
 
   def add(name, jitted, *args, donate_state=False):
-    # `train.setup` may wrap its jitted step to trace it in the mesh context.
+    # `model_setup` wraps its jitted step to trace it in the mesh context.
     jitted = jitted if hasattr(jitted, "lower") else jitted.__wrapped__
     t0 = time.perf_counter()
-    with partitioning.activation_sharding(s.mesh, tuple(map(tuple, rules))):
+    with sharding.activation_sharding(setup.mesh, rules):
       compiled = jitted.lower(*args).compile()
     compile_s = time.perf_counter() - t0
     programs[name] = {"compile_s": compile_s,
@@ -258,7 +258,7 @@ def run_case(*, variant: str, image_size: int, batch: int, dtype: str,
     return compiled
 
   # -------------------------------------------------------- the two anchors
-  add("full_step", s.train_step, s.init_fn(seed), batch_arrays,
+  add("full_step", setup.train_step, setup.init_fn(seed), batch_arrays,
       donate_state=True)
 
   backbone = vit.VisionTransformer(
@@ -293,7 +293,7 @@ def run_case(*, variant: str, image_size: int, batch: int, dtype: str,
 
   forward = jax.jit(_with_rules(
       lambda p: model.apply({"params": p}, images, cands, train=False), rules))
-  with partitioning.activation_sharding(s.mesh, tuple(map(tuple, rules))):
+  with sharding.activation_sharding(setup.mesh, rules):
     outputs = forward(params)
   float_outputs = {k: outputs[k] for k in
                    ("pred_boxes", "pred_logits", "image_logits")}
@@ -366,12 +366,11 @@ def run_case(*, variant: str, image_size: int, batch: int, dtype: str,
         variant=variant, image_size=image_size, batch=batch, dtype=dtype,
         num_candidates=num_candidates, max_boxes=max_boxes, matcher=matcher,
         remat=False, attention_impl=attention_impl, dims=dims)
-    s2 = train.setup(no_remat, info=info)
-    step2 = (s2.train_step if hasattr(s2.train_step, "lower")
-             else s2.train_step.__wrapped__)
-    with partitioning.activation_sharding(s2.mesh, tuple(map(tuple, rules))):
+    setup2 = model_setup.create(no_remat, vocab_size=vocab_size, spec=spec)
+    step2 = setup2.train_step.__wrapped__
+    with sharding.activation_sharding(setup2.mesh, rules):
       out["model_flops_full_step"] = common.compiled_flops(
-          step2.lower(s2.abstract_state, batch_arrays))
+          step2.lower(setup2.abstract_state, batch_arrays))
   return out
 
 

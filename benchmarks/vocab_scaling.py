@@ -13,7 +13,7 @@ depth 4 at 128 px, batch 16 = 8 det + 4 grd + 4 img, Q = 64, D = 128) at
 V = 1k, 10k, 100k, 500k and, per V, side by side (round-robin, min over
 rounds):
 
-* ``dense``: the real step, `train.setup(config).train_step`. The gradient of
+* ``dense``: the real step, `model_setup.create(config, ...).train_step`. The gradient of
   the row gather is a dense [V, D] array (zeros + scatter-add), and global-
   norm clipping, AdamW (read p, g, m, v; write p, m, v), weight decay (when
   the config decays the table) and the non-finite guard (isfinite, keep-or-replace of params *and* moments) all
@@ -87,11 +87,11 @@ if __package__ in (None, ""):  # Run as a script: make `benchmarks` importable.
 
 from benchmarks import common  # pylint: disable=g-import-not-at-top
 from omnitrain_jax import optim
+from omnitrain_jax import model_setup
 from omnitrain_jax import sharding
-from omnitrain_jax import train
+from omnitrain_jax.data import pipeline
 from omnitrain_jax.losses import omni_loss as omni_loss_lib
 from omnitrain_jax.models import omnidet
-from omnitrain_jax.models import partitioning
 
 TABLE = omnidet.TOKEN_TABLE
 VARIANTS = ("dense", "frozen_table", "sparse_rows", "table_adamw")
@@ -249,7 +249,7 @@ def _table_adamw(opt_config, total_steps: int):
 # ------------------------------------------------------------------ checks
 
 
-def sparse_check(dense_step, row_step, s, params_init, batch, rest_tx_fn,
+def sparse_check(dense_step, row_step, setup, params_init, batch, rest_tx_fn,
                  seed: int) -> dict[str, Any]:
   """Two steps on one batch, dense vs lazy rows: the touched rows must agree.
 
@@ -260,7 +260,7 @@ def sparse_check(dense_step, row_step, s, params_init, batch, rest_tx_fn,
     far the untouched rows moved under each (dense: weight decay only;
     sparse: not at all).
   """
-  dense_state = s.init_fn(seed)  # The same values as `params_init`.
+  dense_state = setup.init_fn(seed)  # The same values as `params_init`.
   init_table = np.asarray(params_init[TABLE])
   # Both steps donate their state: give each its own buffers.
   params = jax.tree.map(jnp.copy, params_init)
@@ -314,15 +314,15 @@ def run_vocab(vocab_size: int, *, args, rules, check: bool) -> dict[str, Any]:
     # Full learning rate from the second step on, so that `sparse_check`'s
     # two steps move the rows measurably (the cost does not depend on it).
     config.optimizer.warmup_steps = 1
-  info = common.fake_data_info(config, vocab_size)
-  s = train.setup(config, info=info)
-  model = s.model
+  spec = pipeline.spec_from_config(config.data)
+  setup = model_setup.create(config, vocab_size=vocab_size, spec=spec)
+  model = setup.model
   batch = jax.device_put(
-      common.synthetic_batch(info.spec, config.data.batch, vocab_size,
+      common.synthetic_batch(spec, config.data.batch, vocab_size,
                              seed=args.seed),
-      sharding.batch_sharding(s.mesh))
+      sharding.batch_sharding(setup.mesh))
   num_ids = 1 + batch["candidates"].size
-  loss_config = train.loss_config(config)
+  loss_config = model_setup.loss_config(config)
   dim = model.class_embed_dim or model.vit_config["width"]
 
   programs: dict[str, dict[str, Any]] = {}
@@ -332,7 +332,7 @@ def run_vocab(vocab_size: int, *, args, rules, check: bool) -> dict[str, Any]:
   def add(name, jitted, state, *rest):
     jitted = jitted if hasattr(jitted, "lower") else jitted.__wrapped__
     t0 = time.perf_counter()
-    with partitioning.activation_sharding(s.mesh, rules):
+    with sharding.activation_sharding(setup.mesh, rules):
       compiled = jitted.lower(state, *rest).compile()
     programs[name] = {"compile_s": time.perf_counter() - t0,
                       "flops": common.compiled_flops(compiled),
@@ -341,12 +341,12 @@ def run_vocab(vocab_size: int, *, args, rules, check: bool) -> dict[str, Any]:
     return compiled
 
   variants = args.variants.split(",")
-  params0 = s.init_fn(args.seed).params
+  params0 = setup.init_fn(args.seed).params
   rest0 = {k: v for k, v in params0.items() if k != TABLE}
   states = {}  # Each variant's own state (its step donates it).
   if "dense" in variants:
-    states["dense"] = (s.init_fn(args.seed), batch)
-    add("dense", s.train_step, *states["dense"])
+    states["dense"] = (setup.init_fn(args.seed), batch)
+    add("dense", setup.train_step, *states["dense"])
   make_rest_tx = None
   for name in ("frozen_table", "sparse_rows"):
     if name in variants:
@@ -368,7 +368,7 @@ def run_vocab(vocab_size: int, *, args, rules, check: bool) -> dict[str, Any]:
   check_out = None
   if check:  # Before timing: on fresh states, with the compiled programs.
     check_out = sparse_check(
-        compiled_fns["dense"], compiled_fns["sparse_rows"], s, params0,
+        compiled_fns["dense"], compiled_fns["sparse_rows"], setup, params0,
         batch, make_rest_tx, args.seed)
   del params0, rest0
   for name, args_ in states.items():
@@ -460,7 +460,7 @@ def main(argv=None) -> dict[str, Any]:
   sizes = sorted(int(v) for v in args.vocab_sizes.split(","))
   config0 = common.demo_config(variant=args.variant, image_size=args.image_size,
                                batch=args.batch)
-  rules = tuple(map(tuple, partitioning.get_rules(config0.logical_rules)))
+  rules = sharding.rules_from_config(config0.logical_rules)
 
   report: dict[str, Any] = {"benchmark": "vocab_scaling",
                             "environment": common.environment(),

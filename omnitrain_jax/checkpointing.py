@@ -79,6 +79,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import os
 import signal
 import threading
 import time
@@ -291,7 +292,7 @@ class Checkpointer:
 
   def all_steps(self) -> list[int]:
     """Finished, restorable steps, ascending."""
-    return sorted(s for s in self._manager.all_steps() if self._is_committed(s))
+    return committed_steps(self._directory)
 
   def latest_step(self) -> int | None:
     """The latest finished step, or None if there is none.
@@ -443,6 +444,20 @@ class Restored:
   path: str
 
 
+def committed_steps(directory: epath.PathLike) -> list[int]:
+  """The finished steps of a checkpoints directory, ascending (read-only).
+
+  A step is finished when its directory is named by the step number and holds
+  the commit marker: a save still in flight (tmp name) or left unfinished by a
+  killed process (no marker) is not listed.
+  """
+  directory = epath.Path(directory)
+  if not directory.is_dir():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir()
+                if p.name.isdigit() and (p / COMMIT_MARKER).exists())
+
+
 def _resolve_init_from(path: epath.PathLike) -> tuple[epath.Path, int]:
   """Returns (checkpoints dir, step) for a step dir, checkpoints dir or workdir."""
   path = epath.Path(path)
@@ -460,10 +475,7 @@ def _resolve_init_from(path: epath.PathLike) -> tuple[epath.Path, int]:
     path = path / CHECKPOINT_SUBDIR
   if not path.is_dir():
     raise ValueError(f'init_from={path} does not exist.')
-  steps = [
-      int(p.name) for p in path.iterdir()
-      if p.name.isdigit() and (p / COMMIT_MARKER).exists()
-  ]
+  steps = committed_steps(path)
   if not steps:
     raise ValueError(
         f'init_from={path} holds no finished checkpoint (no STEP/{COMMIT_MARKER}'
@@ -514,6 +526,39 @@ def restore_params_from(init_from: epath.PathLike,
     logging.info('Initialized %s from %s.', list(keys), path)
   return Restored(source='init_from', step=0, state=dict(restored[STATE]),
                   meta=dict(restored[META] or {}), path=path)
+
+
+def restore_params(workdir: str, abstract_state: Any,
+                   step: int | None = None) -> tuple[Any, int]:
+  """Restores only the params of a finished checkpoint onto their shardings.
+
+  For evaluation and prediction. Opens no `Checkpointer` (which would clean
+  up the in-flight saves of a trainer running in the same workdir).
+
+  Args:
+    workdir: the training run's directory.
+    abstract_state: the abstract train state (`model_setup`), whose params
+      carry the target shardings.
+    step: the step, or None for the latest finished one.
+
+  Returns:
+    (params, step).
+  """
+  if '://' not in workdir:  # Orbax reads only absolute paths.
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+  directory = epath.Path(workdir) / CHECKPOINT_SUBDIR
+  steps = committed_steps(directory)
+  if not steps:
+    raise ValueError(f'No finished checkpoint in {directory}; train first or '
+                     'fix --workdir.')
+  if step is None:
+    step = steps[-1]
+  if step not in steps:
+    raise ValueError(f'--checkpoint_step={step} is not a finished checkpoint '
+                     f'in {workdir}; finished steps: {steps}.')
+  restored = restore_params_from(directory / str(step), abstract_state,
+                                 keys=('params',))
+  return restored.state['params'], int(step)
 
 
 def restore_or_init(checkpointer: Checkpointer,

@@ -12,11 +12,16 @@ sum of ``data.batch``), ``checkpoint_every_steps``, ``log_every_steps``,
 from __future__ import annotations
 
 import dataclasses
+import json
 
+from etils import epath
 import ml_collections
 
-from omnitrain_jax import evaluate
+from omnitrain_jax import sharding
+from omnitrain_jax.evaluation import options as eval_options
 from omnitrain_jax.losses import omni_loss
+
+CONFIG_FILE = "config.json"
 
 
 def data_config(tiny: bool = False) -> ml_collections.ConfigDict:
@@ -151,20 +156,34 @@ def add_training_sections(config: ml_collections.ConfigDict, *,
 
   # Device mesh: data x model (omnitrain_jax/sharding.py); -1 = the rest.
   config.mesh = ml_collections.ConfigDict(dict(data=-1, model=1))
-  config.logical_rules = "default"  # Or "fsdp" (models/partitioning.py).
+  # Logical axis -> mesh axis pairs (omnitrain_jax/sharding.py), or a preset
+  # name: --config.logical_rules=fsdp also shards parameters over "data".
+  config.logical_rules = ml_collections.FieldReference(
+      sharding.DEFAULT_RULES, field_type=object)
 
   config.init_from = ""  # Another run's workdir/checkpoint: params only.
   # A big_vision / AugReg ViT .npz for the backbone of a run from scratch
-  # (models/checkpoints.py; position embeddings are resized).
+  # (models/pretrained.py; position embeddings are resized).
   config.backbone_npz = ""
   config.checkpoint_every_steps = max(total_steps // 10, 1)
   config.keep_checkpoints = 3
   config.log_every_steps = max(min(50, total_steps // 10), 1)
   config.eval_every_steps = 0  # 0: evaluate only at the end.
-  # Evaluation (omnitrain_jax/evaluate.py): every field of `EvalOptions`,
-  # with its defaults declared there. max_batches=None: whole val sets.
-  eval_fields = dataclasses.asdict(evaluate.EvalOptions())
+  # Evaluation (omnitrain_jax/evaluation/options.py): every field of
+  # `EvalOptions`, with its defaults declared there. max_batches=None: whole
+  # val sets.
+  eval_fields = dataclasses.asdict(eval_options.EvalOptions())
   eval_fields["max_batches"] = ml_collections.FieldReference(None, field_type=int)
   config.eval = ml_collections.ConfigDict(eval_fields)
   config.max_consecutive_nonfinite = 5
   config.profile_steps = ()  # (start, stop) to trace with jax.profiler.
+
+
+def config_from_workdir(workdir: str) -> ml_collections.ConfigDict:
+  """The config a training run saved as ``WORKDIR/config.json``."""
+  path = epath.Path(workdir) / CONFIG_FILE
+  if not path.exists():
+    raise FileNotFoundError(
+        f"{path} does not exist: pass --config=CONFIG (the training config "
+        "file), or point --workdir at a training run's directory.")
+  return ml_collections.ConfigDict(json.loads(path.read_text()))

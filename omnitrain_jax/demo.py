@@ -93,9 +93,9 @@ def pick_novel_image(det_val_json: str, splits: dict[str, Any]
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  from omnitrain_jax import predict  # pylint: disable=g-import-not-at-top
   from omnitrain_jax import train  # pylint: disable=g-import-not-at-top
   from omnitrain_jax.data import shapes_world  # pylint: disable=g-import-not-at-top
+  from omnitrain_jax.evaluation import predictor as predictor_lib  # pylint: disable=g-import-not-at-top
   runtime.quiet_library_logs()
   start = time.time()
   config, workdir = _CONFIG.value, os.path.abspath(_WORKDIR.value)
@@ -110,10 +110,10 @@ def main(argv):
   paths = shapes_world.output_paths(info.root)
   file_name, names = pick_novel_image(paths["det_val"], info.splits)
   image_path = os.path.join(paths["image_root"], file_name)
-  predictor = predict.Predictor.from_workdir(workdir, config=config)
+  predictor = predictor_lib.Predictor.from_workdir(workdir, config=config)
   out_dir = os.path.join(workdir, "demo")
-  predict.predict_files(predictor, [image_path], out_dir, names,
-                        threshold=0.2, max_boxes=3)
+  predictor_lib.predict_files(predictor, [image_path], out_dir, names,
+                              threshold=0.2, max_boxes=3)
   wall = time.time() - start
   summary = {"step": step, "table": rows, "picture_queries": names,
              "picture": os.path.join(out_dir, os.path.splitext(

@@ -44,7 +44,9 @@ class ReportProgress:
                every_steps: int | None = None,
                every_secs: float | None = 60.0,
                time_fn: Callable[[], float] = time.monotonic,
-               is_lead: bool | None = None):
+               is_lead: bool | None = None,
+               name: str | None = None,
+               unit: str = 'steps'):
     """Starts the clock (elapsed time counts from here).
 
     Args:
@@ -53,6 +55,8 @@ class ReportProgress:
       every_secs: Report when this many seconds passed since the last report.
       time_fn: Clock, injectable for tests.
       is_lead: Whether this process reports; defaults to process 0.
+      name: Prefix of the log line (e.g. an evaluation dataset).
+      unit: What is counted (``steps``; evaluation counts ``images``).
     """
     if every_steps is None and every_secs is None:
       raise ValueError('Set every_steps or every_secs (or both) so that '
@@ -67,7 +71,11 @@ class ReportProgress:
     self._start_time = time_fn()
     self._last_time: float | None = None
     self._last_step: int | None = None
+    self._first: tuple[float, int] | None = None
+    self._name, self._unit = name, unit
     self.steps_per_sec: float | None = None
+    # Since the first call (compilation excluded), for summaries.
+    self.mean_rate: float | None = None
 
   def __call__(self, step: int) -> dict[str, float] | None:
     """Call after each completed step; logs when a report is due.
@@ -84,7 +92,10 @@ class ReportProgress:
     now, step = self._time_fn(), int(step)
     if self._last_step is None:  # First step after (re)start: compile time.
       self._last_time, self._last_step = now, step
+      self._first = (now, step)
       return None
+    if now > self._first[0] and step > self._first[1]:
+      self.mean_rate = (step - self._first[1]) / (now - self._first[0])
     steps = step - self._last_step
     secs = now - self._last_time
     due = step >= self._num_train_steps or (
@@ -96,12 +107,20 @@ class ReportProgress:
     self.steps_per_sec = rate
     elapsed = now - self._start_time
     eta = max(self._num_train_steps - step, 0) / rate
-    logging.info(
-        'Step %d/%d (%.1f%%): %.3g steps/s, elapsed %s, ETA %s', step,
-        self._num_train_steps, 100.0 * step / max(self._num_train_steps, 1),
-        rate, _format_duration(elapsed), _format_duration(eta))
+    percent = 100.0 * step / max(self._num_train_steps, 1)
+    if self._unit == 'steps' and self._name is None:
+      logging.info(
+          'Step %d/%d (%.1f%%): %.3g steps/s, elapsed %s, ETA %s', step,
+          self._num_train_steps, percent, rate, _format_duration(elapsed),
+          _format_duration(eta))
+    else:
+      logging.info('%s: %d/%d %s (%.0f%%), %.3g %s/s, elapsed %s, ETA %s',
+                   self._name, step, self._num_train_steps, self._unit,
+                   percent, rate, self._unit, _format_duration(elapsed),
+                   _format_duration(eta))
     self._last_time, self._last_step = now, step
-    return {'steps_per_sec': rate, 'elapsed_sec': elapsed, 'eta_sec': eta}
+    return {f'{self._unit}_per_sec': rate, 'elapsed_sec': elapsed,
+            'eta_sec': eta}
 
 
 class Profiler:

@@ -1,12 +1,21 @@
-"""Process start-up shared by the binaries (main, evaluate, predict)."""
+"""Processes: start-up shared by the binaries, and the lead process's role.
+
+`initialize_distributed` starts multi-host JAX (main, evaluate, predict);
+`is_lead` is process 0, the one that writes files and logs;
+`share_from_lead` sends process 0's small JSON-able result to every process.
+"""
 
 from __future__ import annotations
 
+import json
 import logging as pylogging
 import os
+from typing import Any
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
+import numpy as np
 
 
 def is_multihost_env() -> bool:
@@ -51,3 +60,21 @@ def quiet_library_logs() -> None:
   handler = logging.get_absl_handler()
   if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
     handler.addFilter(_QuietLibraries())
+
+
+def is_lead() -> bool:
+  """Process 0: the one that writes files and logs."""
+  return jax.process_index() == 0
+
+
+def share_from_lead(obj: Any) -> Any:
+  """Process 0's JSON-able `obj` on every process (a broadcast of bytes)."""
+  if jax.process_count() == 1:
+    return obj
+  data = json.dumps(obj).encode() if is_lead() else b""
+  size = int(multihost_utils.broadcast_one_to_all(np.int32(len(data))))
+  buf = np.zeros((size,), np.uint8)
+  if is_lead():
+    buf[:] = np.frombuffer(data, np.uint8)
+  buf = multihost_utils.broadcast_one_to_all(buf)
+  return json.loads(bytes(np.asarray(buf)).decode())

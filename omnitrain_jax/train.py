@@ -3,9 +3,11 @@
 `train_and_evaluate(config, workdir)` runs unchanged on one CPU, on many
 (fake) devices, on several processes and on TPU pods / GPU clusters:
 
-* **Mesh.** ``config.mesh`` (axes ``data`` x ``model``); the model's logical
-  axis names map to mesh axes by ``config.logical_rules`` ("default": data +
-  tensor parallel; "fsdp": parameters' ``embed`` axis also over ``data``).
+* **Mesh, model, state.** `model_setup.create` (the one place that turns a
+  config into a model on a mesh): ``config.mesh`` (axes ``data`` x
+  ``model``); the model's logical axis names map to mesh axes by
+  ``config.logical_rules`` (default: data + tensor parallel; ``fsdp``:
+  parameters' ``embed`` axis also over ``data``).
 * **Data.** Each process builds its own share of every global batch (fixed
   det/grd/img composition) and the shares are assembled into global arrays
   (`jax.make_array_from_process_local_data`).
@@ -13,6 +15,9 @@
   shardings, then initialised by `jax.jit(init, out_shardings=...)`, so no
   device ever holds the whole state unless the rules say so.
 * **Step.** One `jax.jit` with explicit in/out shardings, the state donated.
+* **Evaluation.** Every ``config.eval_every_steps`` and at the end, by an
+  `evaluation.evaluator.Evaluator` built on first use (the evaluation
+  binary's code; files under ``WORKDIR/eval/STEP/``).
 * **Resume-first.** Latest checkpoint in the workdir > ``config.init_from`` >
   scratch. The grain iterator is saved with the state, so a resumed run sees
   the same batches and, the step being deterministic, the same losses.
@@ -23,48 +28,27 @@
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import json
 import os
-import time
 from typing import Any
 
 from absl import logging
 from etils import epath
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from omnitrain_jax import checkpointing
-from omnitrain_jax import evaluate
 from omnitrain_jax import metric_writers
-from omnitrain_jax import optim
+from omnitrain_jax import model_setup
 from omnitrain_jax import progress
 from omnitrain_jax import sharding
-from omnitrain_jax import train_state as ts
 from omnitrain_jax.data import pipeline
-from omnitrain_jax.data import schema
-from omnitrain_jax.losses import omni_loss as omni_loss_lib
-from omnitrain_jax.models import checkpoints as model_checkpoints
-from omnitrain_jax.models import omnidet
-from omnitrain_jax.models import partitioning
+from omnitrain_jax.evaluation import evaluator as evaluator_lib
+from omnitrain_jax.models import pretrained
 
 
 class NonFiniteError(RuntimeError):
   """Too many non-finite steps in a row."""
-
-
-def build_model(config, vocab_size: int) -> omnidet.OmniDet:
-  model_config = config.model.to_dict()
-  model_config["vocab_size"] = vocab_size
-  return omnidet.OmniDet.from_config(model_config)
-
-
-def loss_config(config) -> omni_loss_lib.LossConfig:
-  return omni_loss_lib.LossConfig.from_config(config.loss)
 
 
 def check_config(config) -> None:
@@ -78,87 +62,6 @@ def check_config(config) -> None:
   for name in ("total_steps", "log_every_steps", "checkpoint_every_steps"):
     if int(config[name]) < 1:
       raise ValueError(f"config.{name}={config[name]} must be >= 1.")
-
-
-def dummy_batch(spec: schema.Spec) -> dict[str, np.ndarray]:
-  """One all-zero example with the batch schema (init needs only shapes)."""
-  return {k: np.zeros(shape, dtype) for k, (shape, dtype)
-          in schema.batch_shapes(spec, 1).items()}
-
-
-@dataclasses.dataclass
-class Setup:
-  """The pieces `train_and_evaluate` builds before its loop (tests use them)."""
-  mesh: jax.sharding.Mesh
-  model: omnidet.OmniDet
-  tx: Any
-  schedule: Any
-  state_shardings: Any
-  abstract_state: Any            # ShapeDtypeStructs carrying the shardings
-  init_fn: Any                   # jitted: rng -> sharded TrainState
-  train_step: Any                # jitted: (state, batch) -> (state, metrics)
-  info: pipeline.DataInfo
-
-
-def setup(config, *, info: pipeline.DataInfo | None = None,
-          devices=None) -> Setup:
-  """Mesh, data info, model, optimizer, shardings and the jitted functions.
-
-  Args:
-    config: the full config.
-    info: `pipeline.prepare_data(config.data)` if already made.
-    devices: the devices of the mesh (default: all).
-  """
-  check_config(config)
-  # ------------------------------------------------------------------ mesh
-  mesh = sharding.make_mesh(config.mesh, devices)
-  sharding.check_batch_size(config.batch_size, mesh)
-  rules = partitioning.get_rules(config.logical_rules)
-  # ------------------------------------------------------------------ data
-  info = info or pipeline.prepare_data(config.data)
-  # ------------------------------------------------------- abstract state
-  model = build_model(config, len(info.vocab))
-  dummy = dummy_batch(info.spec)
-  boxed = jax.eval_shape(functools.partial(ts.init_variables, model=model,
-                                           dummy_batch=dummy), jax.random.key(0))
-  abstract_params = nn.unbox(boxed)["params"]
-  tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps,
-                                      abstract_params)
-  create = functools.partial(ts.create_train_state, model=model, tx=tx,
-                             dummy_batch=dummy)
-  abstract_state = jax.eval_shape(create, jax.random.key(0))
-  # ------------------------------------------------------------ shardings
-  specs = ts.state_logical_specs(boxed, tx, abstract_state)
-  state_shardings = sharding.logical_shardings(specs, mesh, rules)
-  abstract_state = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      abstract_state, state_shardings)
-  # ----------------------------------------------------------- jitted fns
-  init_fn = _in_mesh(jax.jit(lambda seed: create(jax.random.key(seed)),
-                             out_shardings=state_shardings), mesh, rules)
-  step_fn = ts.make_train_step(model, tx, loss_config(config), schedule)
-  batch_sharding = sharding.batch_sharding(mesh)
-  train_step = _in_mesh(jax.jit(
-      step_fn,
-      in_shardings=(state_shardings, batch_sharding),
-      out_shardings=(state_shardings, sharding.replicated(mesh)),
-      donate_argnums=(0,)), mesh, rules)
-  return Setup(mesh=mesh, model=model, tx=tx, schedule=schedule,
-               state_shardings=state_shardings, abstract_state=abstract_state,
-               init_fn=init_fn, train_step=train_step, info=info)
-
-
-def _in_mesh(jitted, mesh, rules):
-  """Calls `jitted` with the mesh and logical rules set, so that the model's
-  activation constraints (`nn.with_logical_constraint`) apply when it traces.
-  (`jax.set_mesh` cannot be entered inside a jitted function.)"""
-  rules = tuple(map(tuple, rules))
-
-  @functools.wraps(jitted)
-  def call(*args, **kwargs):
-    with partitioning.activation_sharding(mesh, rules):
-      return jitted(*args, **kwargs)
-  return call
 
 
 def batch_fingerprint(local_batch) -> float:
@@ -208,25 +111,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   workdir = os.path.abspath(workdir) if "://" not in workdir else workdir
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   lead = jax.process_index() == 0
-  s = setup(config)
+  check_config(config)
   # ---------------------------------------------------------------- data
+  info = pipeline.prepare_data(config.data)
   stats = pipeline.PipelineStats()
-  train_iter = iter(pipeline.make_train_dataset(config.data, s.info, stats=stats))
+  train_iter = iter(pipeline.make_train_dataset(config.data, info, stats=stats))
+  # ------------------------------------- mesh, model, state, jitted step
+  setup = model_setup.create(config, vocab_size=len(info.vocab),
+                             spec=info.spec)
   # ----------------------------------------------------- restore or init
   ckpt = checkpointing.Checkpointer(
       workdir, save_every_steps=config.checkpoint_every_steps,
       max_to_keep=config.keep_checkpoints)
   restored = checkpointing.restore_or_init(
-      ckpt, s.abstract_state, train_iter, init_from=config.init_from or None)
+      ckpt, setup.abstract_state, train_iter, init_from=config.init_from or None)
   if restored is not None and restored.source == "workdir":
     state, start_step = restored.state, restored.step
   else:
-    state, start_step = s.init_fn(config.seed), 0
+    state, start_step = setup.init_fn(config.seed), 0
     if restored is not None:
       state = checkpointing.replace_fields(state, restored.state)
     elif config.backbone_npz:
       logging.info("Loading the backbone from %s", config.backbone_npz)
-      state = state.replace(params=model_checkpoints.load_backbone(
+      state = state.replace(params=pretrained.load_backbone(
           state.params, config.backbone_npz))
   if lead:
     logging.info("Starting at step %d of %d in %s", start_step,
@@ -235,7 +142,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         config.to_json_best_effort(indent=2))
     # With the config, the vocabulary makes the workdir self-contained for
     # evaluate/predict on a machine without the training data.
-    s.info.vocab.save(epath.Path(workdir) / "vocab.txt")
+    info.vocab.save(epath.Path(workdir) / "vocab.txt")
   writer = metric_writers.create_default_writer(workdir, start_step=start_step)
   if start_step == 0:
     writer.write_hparams(config.to_dict())
@@ -244,6 +151,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                    every_secs=None)
   profiler = progress.Profiler(workdir, config.get("profile_steps") or None)
   meta = {"config": config.to_dict()}
+  evaluator = None  # Built on the first evaluation (queries, compilation).
   # ---------------------------------------------------------------- loop
   step = start_step
   history: list[dict[str, jax.Array]] = []
@@ -254,8 +162,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     while step < config.total_steps:
       profiler(step, block_on=state)
       local = next(train_iter)
-      batch = sharding.host_to_global(local, s.mesh)
-      state, metrics = s.train_step(state, batch)
+      batch = sharding.host_to_global(local, setup.mesh)
+      state, metrics = setup.train_step(state, batch)
       # Which examples this step saw (resume tests compare it step by step).
       history.append({**metrics, "data/fingerprint": batch_fingerprint(local)})
       step += 1
@@ -279,8 +187,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if at_end or (config.eval_every_steps and step % config.eval_every_steps == 0):
         # The evaluation binary's code path: COCO JSON + metrics.json under
         # WORKDIR/eval/STEP/, metrics also to the logs.
-        last.update(evaluate.run_evaluation(config, s, state.params, step=step,
-                                            workdir=workdir, writer=writer))
+        if evaluator is None:
+          evaluator = evaluator_lib.Evaluator(
+              config, info, model=setup.model, mesh=setup.mesh,
+              rules=setup.rules, param_shardings=setup.param_shardings)
+        last.update(evaluator.run(state.params, step=step, workdir=workdir,
+                                  writer=writer))
       ckpt.maybe_save(step, state, train_iter, meta, force=stop or at_end)
       if stop:
         logging.info("Preemption/stop requested: saved step %d, exiting.", step)

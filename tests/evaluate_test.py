@@ -259,18 +259,29 @@ def test_nms_and_a_relative_workdir(run, tmp_path):
     assert iou.max() <= 0.3 + 1e-3
 
 
-def test_run_evaluation_in_process(run, tmp_path):
-  """The trainer's entry point: returns the metrics, writes, caches."""
+def test_evaluator_in_process(run, tmp_path):
+  """The trainer's evaluator: returns the metrics, writes, prepares once."""
   import ml_collections
-  from omnitrain_jax import evaluate
-  from omnitrain_jax import train
+  from omnitrain_jax import checkpointing
+  from omnitrain_jax import config_lib
+  from omnitrain_jax import model_setup
+  from omnitrain_jax.data import pipeline
+  from omnitrain_jax.evaluation import evaluator as evaluator_lib
+  from omnitrain_jax.evaluation import options as options_lib
   workdir, cache, _ = run
-  config = evaluate.config_from_workdir(workdir)
+  config = config_lib.config_from_workdir(workdir)
   config.data.cache_dir = cache
   config.eval = ml_collections.ConfigDict(
       {"datasets": ["shapes_grd"], "max_batches": 1})
-  s = train.setup(config)
-  params, step = evaluate.restore_params(workdir, s.abstract_state)
+  info = pipeline.prepare_data(config.data)
+  setup = model_setup.create(config, vocab_size=len(info.vocab),
+                             spec=info.spec)
+  params, step = checkpointing.restore_params(workdir, setup.abstract_state)
+
+  def make_evaluator(**kwargs):
+    return evaluator_lib.Evaluator(
+        config, info, model=setup.model, mesh=setup.mesh, rules=setup.rules,
+        param_shardings=setup.param_shardings, **kwargs)
 
   class Writer:
     written = []
@@ -279,12 +290,11 @@ def test_run_evaluation_in_process(run, tmp_path):
       self.written.append((step, dict(scalars)))
 
   writer = Writer()
-  m1 = evaluate.run_evaluation(config, s, params, step=step,
-                               workdir=str(tmp_path), writer=writer)
-  evaluator = evaluate._CACHE["evaluator"]
-  m2 = evaluate.run_evaluation(config, s, params, step=step + 1,
-                               workdir=None)
-  assert evaluate._CACHE["evaluator"] is evaluator  # Prepared once.
+  evaluator = make_evaluator()
+  m1 = evaluator.run(params, step=step, workdir=str(tmp_path), writer=writer)
+  task = evaluator._tasks["shapes_grd"]
+  m2 = evaluator.run(params, step=step + 1, workdir=None)
+  assert evaluator._tasks["shapes_grd"] is task  # Prepared once.
   assert all(k.startswith("eval/shapes_grd/") for k in m1)
   assert set(GRD_KEYS) <= {k.split("/")[-1] for k in m1}
   assert m1["eval/shapes_grd/num_images"] == 8  # One batch of 8.
@@ -295,10 +305,10 @@ def test_run_evaluation_in_process(run, tmp_path):
   assert saved == m1
   assert not (tmp_path / "eval" / str(step + 1)).exists()
   # The same phrases as Flickr30k: Recall@1 is Acc@0.5, recall grows with k.
-  options = evaluate.EvalOptions.from_config(
+  options = options_lib.EvalOptions.from_config(
       config, protocols={"shapes_grd": "flickr"})
-  flickr = evaluate.Evaluator(config, s, options=options).run(
-      params, step=step, workdir=None)
+  flickr = make_evaluator(options=options).run(params, step=step,
+                                               workdir=None)
   assert flickr["eval/shapes_grd/R@1"] == m1["eval/shapes_grd/acc@0.5"]
   assert (flickr["eval/shapes_grd/R@1"] <= flickr["eval/shapes_grd/R@5"]
           <= flickr["eval/shapes_grd/R@10"])

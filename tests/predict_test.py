@@ -113,9 +113,9 @@ def test_binary_on_a_folder_of_all_kinds_of_images(run, images, tmp_path):
 
 @pytest.fixture(scope="module")
 def predictor(run):
-  from omnitrain_jax import predict
+  from omnitrain_jax.evaluation import predictor as predictor_lib
   workdir, _ = run
-  return predict.Predictor.from_workdir(workdir)
+  return predictor_lib.Predictor.from_workdir(workdir)
 
 
 def test_images_are_resized_like_evaluation(predictor, images):

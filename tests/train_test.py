@@ -1,7 +1,7 @@
 """Whole-program tests of the trainer: layouts, processes, resume, NaN guard.
 
 Each test runs the real entry point (`python -m omnitrain_jax.main`) or the
-real `train.setup` in a subprocess, so that XLA's fake-device flag and
+real `model_setup.create` in a subprocess, so that XLA's fake-device flag and
 `jax.distributed` start fresh, on the tiny ShapesWorld config.
 """
 
@@ -71,7 +71,7 @@ LAYOUTS_SCRIPT = textwrap.dedent("""
     import jax
     from absl import flags
     flags.FLAGS.mark_as_parsed()
-    from omnitrain_jax import sharding, train
+    from omnitrain_jax import model_setup, sharding
     from omnitrain_jax.data import pipeline
 
     def load(**overrides):
@@ -90,13 +90,15 @@ LAYOUTS_SCRIPT = textwrap.dedent("""
     out = {}
     for name, (overrides, devices) in layouts.items():
       cfg = load(**overrides)
-      s = train.setup(cfg, devices=devices)
-      it = iter(pipeline.make_train_dataset(cfg.data, s.info))
-      state = s.init_fn(cfg.seed)
+      info = pipeline.prepare_data(cfg.data)
+      setup = model_setup.create(cfg, vocab_size=len(info.vocab),
+                                 spec=info.spec, devices=devices)
+      it = iter(pipeline.make_train_dataset(cfg.data, info))
+      state = setup.init_fn(cfg.seed)
       losses = []
       for _ in range(3):
-        batch = sharding.host_to_global(next(it), s.mesh)
-        state, metrics = s.train_step(state, batch)
+        batch = sharding.host_to_global(next(it), setup.mesh)
+        state, metrics = setup.train_step(state, batch)
         losses.append(float(metrics["loss"]))
       out[name] = losses
     print("RESULT " + json.dumps(out))

@@ -1,4 +1,4 @@
-"""Tests for the device-side scoring functions."""
+"""Tests for inference.py: query scoring, top-k, NMS."""
 
 import functools
 
@@ -9,7 +9,8 @@ import pytest
 
 from omnitrain_jax.evaluation import inference
 from omnitrain_jax.evaluation import queries
-from omnitrain_jax.losses import scoring
+from omnitrain_jax.losses import box_ops
+from omnitrain_jax.models import omnidet
 
 
 def _normalize(x):
@@ -55,9 +56,8 @@ def test_union_scores_equal_per_query_scoring(chunk):
   qs = [queries.Query(text=str(t), variants=(tuple(t),))
         for t in token_lists]
   got = _union_scores(enc, table, qs, chunk)
-  tokens, _ = scoring.build_query_tokens(token_lists)
-  want = scoring.score_queries(enc["class_embeddings"], enc["logit_scale"],
-                               enc["logit_shift"], table, tokens)
+  tokens, _ = inference.build_query_tokens(token_lists)
+  want = inference.score_queries(enc, _embed_jnp(table), tokens)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
 
 
@@ -123,10 +123,8 @@ def test_per_image_queries_and_grounding_top_k():
                                                     qt))  # [B, N, P]
   for b in range(2):
     tokens, mask = qt[b], qt[b] > 0
-    want = scoring.score_queries(enc["class_embeddings"][b:b + 1],
-                                 enc["logit_scale"][b:b + 1],
-                                 enc["logit_shift"][b:b + 1], table, tokens,
-                                 mask)[0]
+    one = {k: v[b:b + 1] for k, v in enc.items()}
+    want = inference.score_queries(one, _embed_jnp(table), tokens, mask)[0]
     np.testing.assert_allclose(got[b], want, rtol=1e-5)
   assert np.all(got[1, :, 1] == 0)
   top, boxes = map(np.asarray,
@@ -141,7 +139,172 @@ def test_embedding_scores_equal_a_one_token_query():
   table = np.random.default_rng(5).normal(size=(10, 8)).astype(np.float32)
   emb = _normalize(table[[6]])
   got = np.asarray(inference.embedding_scores(enc, emb))
-  tokens, _ = scoring.build_query_tokens([[6]])
-  want = scoring.score_queries(enc["class_embeddings"], enc["logit_scale"],
-                               enc["logit_shift"], table, tokens)
+  tokens, _ = inference.build_query_tokens([[6]])
+  want = inference.score_queries(enc, _embed_jnp(table), tokens)
   np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def _model_outputs(b=2, n=5, d=8, v=37, seed=0):
+  rng = np.random.default_rng(seed)
+  z = _normalize(rng.normal(size=(b, n, d))).astype(np.float32)
+  scale = rng.uniform(5, 15, (b, n)).astype(np.float32)
+  shift = rng.uniform(-5, 0, (b, n)).astype(np.float32)
+  table = rng.normal(size=(v, d)).astype(np.float32)
+  return z, scale, shift, table
+
+
+def _enc(z, scale, shift):
+  return {"class_embeddings": z, "logit_scale": scale, "logit_shift": shift}
+
+
+def test_build_query_tokens_pads_and_validates():
+  tokens, mask = inference.build_query_tokens([[5, 6], [7], [8, 8]],
+                                            max_tokens=3, num_queries=4)
+  np.testing.assert_array_equal(tokens,
+                                [[5, 6, 0], [7, 0, 0], [8, 0, 0], [0, 0, 0]])
+  np.testing.assert_array_equal(mask, tokens > 0)
+  with pytest.raises(ValueError, match="max_tokens"):
+    inference.build_query_tokens([[5, 6, 7]], max_tokens=2)
+  with pytest.raises(ValueError, match="no tokens"):
+    inference.build_query_tokens([[5], []])
+  with pytest.raises(ValueError, match="reserved"):
+    inference.build_query_tokens([[5, 1]])
+  with pytest.raises(ValueError, match="num_queries"):
+    inference.build_query_tokens([[5], [6]], num_queries=1)
+
+
+def test_query_scores_is_a_soft_and():
+  p_purple, p_star = 0.9, 0.4
+  logit = lambda p: np.log(p / (1 - p))
+  # Query 0 = purple star, query 1 = star, query 2 = padding row.
+  logits = np.array([[[[logit(p_purple), logit(p_star)],
+                       [logit(p_star), 0.0],
+                       [3.0, 3.0]]]], np.float32)  # [1, 1, 3, 2]
+  mask = np.array([[True, True], [True, False], [False, False]])
+  scores = np.asarray(inference.query_scores(logits, mask))[0, 0]
+  np.testing.assert_allclose(scores[0], np.sqrt(p_purple * p_star), rtol=1e-5)
+  np.testing.assert_allclose(scores[1], p_star, rtol=1e-5)
+  assert scores[2] == 0
+  # Both tokens are needed: a box that is only purple scores low.
+  only_purple = np.array([[[[logit(0.99), logit(0.01)]]]], np.float32)
+  assert inference.query_scores(only_purple, mask[:1])[0, 0, 0] < 0.1
+  # Per-image masks [B, P, L] broadcast over boxes.
+  per_image = inference.query_scores(logits, mask[None])
+  np.testing.assert_allclose(per_image[0, 0], scores, rtol=1e-6)
+
+
+def test_score_queries_matches_dense_token_logits():
+  z, scale, shift, table = _model_outputs()
+  tokens, mask = inference.build_query_tokens([[2, 9], [30], [4, 5, 6]])
+  got = inference.score_queries(_enc(z, scale, shift), _embed_jnp(table),
+                                tokens)
+  dense = np.asarray(omnidet.token_logits(z, scale, shift, _normalize(table)))
+  log_p = np.log(1 / (1 + np.exp(-dense.astype(np.float64))))  # [B, N, V]
+  expected = np.stack(
+      [np.exp(log_p[..., tokens[i][mask[i]]].mean(-1)) for i in range(3)], -1)
+  np.testing.assert_allclose(got, expected, rtol=1e-4)
+
+
+@pytest.mark.parametrize("chunk_size,k", [(8, 5), (37, 3), (5, 12)])
+def test_top_k_vocab_matches_dense(chunk_size, k):
+  z, scale, shift, table = _model_outputs()
+  mask = np.ones(37, bool)
+  mask[[3, 20]] = False
+  fn = jax.jit(functools.partial(inference.top_k_vocab,
+                                 embed_tokens=_embed_jnp(table),
+                                 vocab_size=37, k=k, chunk_size=chunk_size))
+  values, ids = fn(_enc(z, scale, shift), token_mask=mask)
+  dense = np.array(omnidet.token_logits(z, scale, shift, _normalize(table)))
+  dense[..., [0, 1, 3, 20]] = -np.inf  # Reserved ids and masked tokens.
+  order = np.argsort(-dense, axis=-1, kind="stable")[..., :k]
+  np.testing.assert_array_equal(ids, order)
+  np.testing.assert_allclose(values, np.take_along_axis(dense, order, -1),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_top_k_vocab_with_fewer_valid_tokens_than_k():
+  z, scale, shift, table = _model_outputs(v=6)
+  mask = np.array([True, True, True, False, True, False])  # Valid: 2, 4.
+  values, ids = inference.top_k_vocab(_enc(z, scale, shift),
+                                      _embed_jnp(table), 6, 3, 4, mask)
+  assert np.all(np.sort(ids[..., :2], -1) == [2, 4])
+  assert np.all(ids[..., 2] == -1) and np.all(np.isneginf(values[..., 2]))
+
+
+def test_top_k_boxes():
+  scores = np.array([[[0.1, 0.9], [0.8, 0.2], [0.5, 0.6]]])  # [1, N=3, P=2]
+  boxes = np.arange(12, dtype=np.float32).reshape(1, 3, 4)
+  top, top_boxes, idx = inference.top_k_boxes(scores, boxes, 2)
+  np.testing.assert_array_equal(idx, [[[1, 2], [0, 2]]])
+  np.testing.assert_allclose(top, [[[0.8, 0.5], [0.9, 0.6]]])
+  np.testing.assert_array_equal(top_boxes[0, 1, 0], boxes[0, 0])
+
+
+def _np_nms(boxes, scores, thr):
+  """Reference greedy NMS."""
+  order = np.argsort(-scores, kind="stable")
+  keep = np.zeros(len(scores), bool)
+  iou = np.asarray(box_ops.pairwise_box_iou(boxes, boxes))
+  for i in order:
+    if not any(keep[j] and iou[i, j] > thr for j in range(len(scores))):
+      keep[i] = True
+  return keep
+
+
+def test_nms_keep_matches_reference():
+  rng = np.random.default_rng(0)
+  cxcy = rng.uniform(0.3, 0.7, (2, 3, 20, 2))
+  wh = rng.uniform(0.1, 0.3, (2, 3, 20, 2))
+  xyxy = np.asarray(box_ops.cxcywh_to_xyxy(
+      np.concatenate([cxcy, wh], -1).astype(np.float32)))
+  scores = rng.uniform(size=(2, 3, 20)).astype(np.float32)
+  keep = np.asarray(jax.jit(inference.nms_keep, static_argnums=2)(
+      xyxy, scores, 0.5))
+  assert 0 < keep.sum() < keep.size
+  for i in range(2):
+    for j in range(3):
+      np.testing.assert_array_equal(
+          keep[i, j], _np_nms(xyxy[i, j], scores[i, j], 0.5))
+
+
+def test_nms_keep_with_groups_is_nms_per_group():
+  rng = np.random.default_rng(1)
+  cxcy = rng.uniform(0.3, 0.7, (2, 30, 2))
+  wh = rng.uniform(0.1, 0.3, (2, 30, 2))
+  xyxy = np.asarray(box_ops.cxcywh_to_xyxy(
+      np.concatenate([cxcy, wh], -1).astype(np.float32)))
+  scores = rng.uniform(size=(2, 30)).astype(np.float32)
+  groups = rng.integers(0, 3, (2, 30)).astype(np.int32)
+  keep = np.asarray(inference.nms_keep(xyxy, scores, 0.5, groups=groups))
+  for i in range(2):
+    for g in range(3):
+      sel = groups[i] == g
+      np.testing.assert_array_equal(
+          keep[i][sel], _np_nms(xyxy[i][sel], scores[i][sel], 0.5))
+  # Groups keep more than one NMS over everything.
+  assert keep.sum() > np.asarray(inference.nms_keep(xyxy, scores, 0.5)).sum()
+
+
+def test_top_k_detections_nms_per_query_and_class_agnostic():
+  box = [0.5, 0.5, 0.2, 0.2]
+  near = [0.51, 0.5, 0.2, 0.2]  # IoU ~0.9 with box.
+  far = [0.1, 0.1, 0.1, 0.1]
+  boxes = np.array([[box, near, far]], np.float32)  # [1, 3, 4]
+  scores = np.array([[[0.9, 0.3], [0.8, 0.7], [0.1, 0.2]]],
+                    np.float32)  # [1, N=3, P=2]
+  top, _, idx = inference.top_k_detections(scores, boxes, 3)
+  np.testing.assert_array_equal(idx, [[[0, 1, 2], [1, 0, 2]]])
+  top, _, idx = inference.top_k_detections(scores, boxes, 3,
+                                         nms_iou_threshold=0.5)
+  # Per query: `near` is suppressed by `box` for query 0, `box` by `near` for
+  # query 1; suppressed detections score 0 and come last.
+  np.testing.assert_array_equal(idx, [[[0, 2, 1], [1, 2, 0]]])
+  np.testing.assert_allclose(top, [[[0.9, 0.1, 0.0], [0.7, 0.2, 0.0]]])
+  top, _, idx = inference.top_k_detections(scores, boxes, 3,
+                                         nms_iou_threshold=0.5,
+                                         class_agnostic=True)
+  # Across queries a box keeps only its best query: `box`/query 0 (0.9)
+  # suppresses `near` and `box`/query 1; `far`/query 1 (0.2) suppresses
+  # `far`/query 0 (0.1).
+  np.testing.assert_allclose(top, [[[0.9, 0.0, 0.0], [0.2, 0.0, 0.0]]])
+  assert idx[0, 0, 0] == 0 and idx[0, 1, 0] == 2

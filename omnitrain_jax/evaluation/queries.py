@@ -1,6 +1,6 @@
 """Text queries for evaluation and prediction: names and phrases -> token ids.
 
-A query is scored as a soft AND of its tokens (`losses/scoring.py`): the box's
+A query is scored as a soft AND of its tokens (`inference.py`): the box's
 score is the geometric mean of its token probabilities. Here the texts become
 token ids, with every word the vocabulary lacks *reported*, never dropped in
 silence:
@@ -293,7 +293,7 @@ def pad_queries(queries: Sequence[Query], num_queries: int, max_tokens: int
                 ) -> np.ndarray:
   """Single-variant queries -> int32 [num_queries, max_tokens], 0 = pad.
 
-  For per-image queries (grounding phrases), which `scoring.query_scores`
+  For per-image queries (grounding phrases), which `inference.query_scores`
   scores with a per-image mask. Empty queries stay all padding (score 0).
 
   Raises:

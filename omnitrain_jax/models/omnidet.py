@@ -3,9 +3,10 @@
 Written in Flax Linen on purpose: the trainer needs pure `init`/`apply`
 functions that work under `jax.eval_shape` (abstract state) ->
 logical-axis shardings (`nn.with_logical_partitioning` on every parameter,
-`nn.with_logical_constraint` on the main activations; rules in
-`partitioning.py`) -> `jax.jit(init, out_shardings=...)`; and the backbone's
-parameter names match big_vision / AugReg ViT checkpoints (`checkpoints.py`).
+`nn.with_logical_constraint` on the main activations; axis names in
+`axes.py`, rules in `omnitrain_jax/sharding.py`) -> `jax.jit(init,
+out_shardings=...)`; and the backbone's parameter names match big_vision /
+AugReg ViT checkpoints (`pretrained.py`).
 
 Model (DESIGN.md section 3)::
 

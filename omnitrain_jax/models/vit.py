@@ -22,7 +22,7 @@ As in big_vision, position embeddings are added to the patch tokens *before*
 the CLS token is prepended, so the CLS token has no position embedding of its
 own. An AugReg (google-research/vision_transformer) checkpoint, whose
 `pos_embedding` has a leading CLS row, loads exactly by adding that row to
-`cls` (see `checkpoints.py`).
+`cls` (see `pretrained.py`).
 
 The encoder is pre-LN; its outputs are the CLS token (the pooled image token)
 and the grid of patch tokens, both after `encoder_norm`.
@@ -56,9 +56,9 @@ PATCH_SIZES = (8, 14, 16, 32)  # /8: AugReg B/8; /14: CLIP-style L/14.
 # peaks at 84 GiB without remat (XLA keeps the [B, H, L, L] probabilities;
 # 9.5 GiB with remat). "auto" picks cuDNN's fused (flash) attention on GPU in
 # 16-bit dtypes, XLA otherwise; "cudnn" forces it. The cuDNN path has NOT yet
-# been run on a GPU here: try it with `python -m
-# omnitrain_jax.models.benchmark --attention_impl=auto`, which also prints the
-# largest logit difference against XLA attention.
+# been run on a GPU here: try it with `python benchmarks/model_forward.py
+# --attention_impl=auto`, which also prints the largest logit difference
+# against XLA attention.
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 
 # How pixels become tokens: "patch" (ViT's linear patch embedding, the layout

@@ -1,4 +1,4 @@
-"""Tests for checkpoints.py: AugReg and big_vision layouts, resizing, errors."""
+"""Tests for pretrained.py: AugReg and big_vision layouts, resizing, errors."""
 
 import functools
 
@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from omnitrain_jax.models import checkpoints
+from omnitrain_jax.models import pretrained
 from omnitrain_jax.models import omnidet
 from omnitrain_jax.models import vit
 
@@ -92,7 +92,7 @@ def test_augreg_npz_round_trip(tmp_path):
   np.savez(path, **_to_augreg(src, cls_pe))
 
   target = _params(64, seed=1)
-  loaded = checkpoints.load_backbone(target, path)
+  loaded = pretrained.load_backbone(target, path)
   _assert_backbone_equal(loaded, src)
   # The head and token table are untouched.
   for k in ("box_head", "class_embed", "token_embedding"):
@@ -115,7 +115,7 @@ def test_augreg_posemb_is_resized_for_a_larger_image(tmp_path):
   cls_pe = np.zeros((1, 1, 32), np.float32)
   path = tmp_path / "augreg.npz"
   np.savez(path, **_to_augreg(src, cls_pe))
-  loaded = checkpoints.load_backbone(_params(128, seed=1), path)  # 8 x 8
+  loaded = pretrained.load_backbone(_params(128, seed=1), path)  # 8 x 8
   _assert_backbone_equal(loaded, src, skip=("pos_embedding",))
   pe = np.asarray(loaded["backbone"]["pos_embedding"])
   assert pe.shape == (1, 64, 32)
@@ -134,10 +134,10 @@ def test_big_vision_scanned_two_tower_bf16_and_boxed_variables():
   flat[kernel] = bf16.view(np.dtype("V2"))
   flat["params/txt/Embed_0/embedding"] = np.zeros((5, 3), np.float32)
   flat["params/t"] = np.zeros((1,), np.float32)
-  flat = {k: checkpoints._recover_dtype(v) for k, v in flat.items()}
+  flat = {k: pretrained._recover_dtype(v) for k, v in flat.items()}
 
   boxed = _boxed_variables(64, seed=1)
-  loaded = checkpoints.load_backbone(boxed, flat)
+  loaded = pretrained.load_backbone(boxed, flat)
   # Structure preserved: variables in, variables out, boxes kept.
   kernel_box = loaded["params"]["backbone"]["embedding"]["kernel"]
   assert isinstance(kernel_box, meta.AxisMetadata)
@@ -158,7 +158,7 @@ def test_sharded_leaves_keep_their_sharding():
   dense = target["backbone"]["Transformer"]["encoderblock_0"]["MlpBlock_0"][
       "Dense_0"]
   dense["kernel"] = jax.device_put(dense["kernel"], sharding)
-  loaded = checkpoints.load_backbone(target, _to_big_vision_scanned(src, ""))
+  loaded = pretrained.load_backbone(target, _to_big_vision_scanned(src, ""))
   kernel = loaded["backbone"]["Transformer"]["encoderblock_0"]["MlpBlock_0"][
       "Dense_0"]["kernel"]
   assert kernel.sharding == sharding
@@ -175,7 +175,7 @@ def test_mismatches_are_all_listed(tmp_path):
   path = tmp_path / "bad.npz"
   np.savez(path, **flat)
   with pytest.raises(ValueError) as err:
-    checkpoints.load_backbone(_params(64, seed=1), path)
+    pretrained.load_backbone(_params(64, seed=1), path)
   msg = str(err.value)
   assert "Missing from the checkpoint (2)" in msg
   assert "Transformer/encoder_norm/scale" in msg and "embedding/bias" in msg
@@ -189,9 +189,9 @@ def test_mismatches_are_all_listed(tmp_path):
 
 def test_no_vit_in_checkpoint():
   with pytest.raises(ValueError, match="holds no ViT"):
-    checkpoints.load_backbone(_params(64, 1), {"foo/bar": np.zeros(3)})
+    pretrained.load_backbone(_params(64, 1), {"foo/bar": np.zeros(3)})
   with pytest.raises(ValueError, match="prefix 'nope/'"):
-    checkpoints.load_backbone(_params(64, 1), {"embedding/kernel": np.zeros(3)},
+    pretrained.load_backbone(_params(64, 1), {"embedding/kernel": np.zeros(3)},
                               prefix="nope")
 
 
@@ -204,6 +204,6 @@ def test_describe_vit_names_standard_variants():
   arrays["Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel"] = np.zeros(
       (768, 3072))
   arrays["pos_embedding"] = np.zeros((1, 196, 768))
-  assert checkpoints.describe_vit(arrays) == (
+  assert pretrained.describe_vit(arrays) == (
       "ViT-B/16 (width 768, depth 12, heads 12, mlp 3072) trained at 224 px "
       "(14x14 patches)")

@@ -1,4 +1,4 @@
-"""Tests for partitioning.py: rules map every parameter onto real meshes."""
+"""Tests for sharding.py: rules map every parameter onto real meshes."""
 
 import functools
 import os
@@ -12,8 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from omnitrain_jax import sharding
+from omnitrain_jax.models import axes
 from omnitrain_jax.models import omnidet
-from omnitrain_jax.models import partitioning
 
 
 @functools.lru_cache(maxsize=None)
@@ -41,7 +42,7 @@ def _mesh_specs(rules):
 def test_b16_parameters_divide_evenly_on_a_16x4_mesh(name):
   mesh_sizes = {"data": 16, "model": 4}
   uneven, sharded = [], 0
-  for path, shape, spec in _mesh_specs(partitioning.get_rules(name)):
+  for path, shape, spec in _mesh_specs(sharding.rules_from_config(name)):
     for size, axis in zip(shape, spec):
       if axis is not None:
         sharded += 1
@@ -53,32 +54,33 @@ def test_b16_parameters_divide_evenly_on_a_16x4_mesh(name):
 
 def test_fsdp_shards_every_large_parameter_over_data():
   unsharded = []
-  for path, shape, spec in _mesh_specs(partitioning.FSDP_LOGICAL_RULES):
+  for path, shape, spec in _mesh_specs(sharding.FSDP_RULES):
     if np.prod(shape) >= 4096 and "data" not in tuple(spec):
       unsharded.append((path, shape, spec))
   assert not unsharded, unsharded
   # The default rules keep parameters whole over data (pure DP + TP).
-  for path, _, spec in _mesh_specs(partitioning.DEFAULT_LOGICAL_RULES):
+  for path, _, spec in _mesh_specs(sharding.DEFAULT_RULES):
     assert "data" not in tuple(spec), path
 
 
 def test_activation_rules_put_batch_before_embed():
   act = ("batch", "length", "embed")
-  for rules in (partitioning.DEFAULT_LOGICAL_RULES,
-                partitioning.FSDP_LOGICAL_RULES):
+  for rules in (sharding.DEFAULT_RULES,
+                sharding.FSDP_RULES):
     assert nn.logical_to_mesh_axes(act, rules) == jax.sharding.PartitionSpec(
         "data", None, None)
   assert nn.logical_to_mesh_axes(
-      ("embed", "mlp"), partitioning.FSDP_LOGICAL_RULES
+      ("embed", "mlp"), sharding.FSDP_RULES
   ) == jax.sharding.PartitionSpec("data", "model")
   with pytest.raises(ValueError, match="Unknown logical rules"):
-    partitioning.get_rules("zero3")
+    sharding.rules_from_config("zero3")
 
 
 _SHARDED_SCRIPT = textwrap.dedent("""
     import functools
     import jax, jax.numpy as jnp, numpy as np, flax.linen as nn
-    from omnitrain_jax.models import omnidet, partitioning
+    from omnitrain_jax import sharding
+    from omnitrain_jax.models import omnidet
     assert jax.device_count() == 8, jax.devices()
     mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(4, 2),
                              ("data", "model"))
@@ -91,12 +93,13 @@ _SHARDED_SCRIPT = textwrap.dedent("""
     # FSDP + tensor parallel is the harder case (default rules are checked
     # statically above); one rule set keeps this subprocess short.
     for name in ("fsdp",):
-      rules = partitioning.get_rules(name)
+      rules = sharding.rules_from_config(name)
       abstract = jax.eval_shape(
           lambda k: model.init(k, images, cands, train=False),
           jax.random.key(0))
-      shardings = partitioning.mesh_shardings(abstract, mesh, rules)
-      with partitioning.activation_sharding(mesh, rules):
+      shardings = sharding.logical_shardings(nn.get_partition_spec(abstract),
+                                             mesh, rules)
+      with sharding.activation_sharding(mesh, rules):
         variables = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
         batch_sharding = jax.sharding.NamedSharding(
             mesh, jax.sharding.PartitionSpec("data"))
@@ -125,3 +128,30 @@ def test_jitted_sharded_init_and_forward_on_8_fake_devices():
                         check=False)
   assert proc.returncode == 0, proc.stdout + proc.stderr
   assert "fsdp OK" in proc.stdout
+
+
+def test_rules_from_config_takes_a_preset_or_pairs():
+  assert sharding.rules_from_config("fsdp") == sharding.FSDP_RULES
+  # A config round-trips through JSON as lists (WORKDIR/config.json).
+  as_json = [list(pair) for pair in sharding.FSDP_RULES]
+  assert sharding.rules_from_config(as_json) == sharding.FSDP_RULES
+  assert sharding.rules_from_config([["mlp", ["data", "model"]]]) == (
+      ("mlp", ("data", "model")),)
+  with pytest.raises(ValueError, match="not a logical axis"):
+    sharding.rules_from_config([("embedding", "data")])
+  with pytest.raises(ValueError, match="mesh axes are"):
+    sharding.rules_from_config([("embed", "tensor")])
+  with pytest.raises(ValueError, match="pair"):
+    sharding.rules_from_config(["embed"])
+
+
+def test_every_parameter_axis_is_a_named_logical_axis_with_a_rule():
+  names = set()
+  for spec in jax.tree.leaves(nn.get_partition_spec(_abstract_b16()),
+                              is_leaf=lambda x: isinstance(
+                                  x, jax.sharding.PartitionSpec)):
+    names.update(a for a in spec if a is not None)
+  assert names and names <= set(axes.LOGICAL_AXES), names - set(
+      axes.LOGICAL_AXES)
+  for rules in sharding.PRESETS.values():
+    assert {name for name, _ in rules} == set(axes.LOGICAL_AXES)

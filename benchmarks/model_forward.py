@@ -4,7 +4,7 @@ A quick check of a model configuration on an accelerator (compile time, step
 time, peak memory), not a training run; the loss is a stand-in with the
 model's real output shapes. Example::
 
-  python -m omnitrain_jax.models.benchmark --variant=B/16 --image_size=768 \
+  python benchmarks/model_forward.py --variant=B/16 --image_size=768 \
       --batch=8 --dtype=bfloat16 --remat
 """
 

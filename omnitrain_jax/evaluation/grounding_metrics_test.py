@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from omnitrain_jax.evaluation import grounding
+from omnitrain_jax.evaluation import grounding_metrics as grounding
 
 
 def test_box_iou_known_values():

@@ -1,0 +1,102 @@
+"""``config.eval``: what to evaluate and how, with the defaults.
+
+Every field is optional in a config; `config_lib` copies the defaults from
+`EvalOptions` into ``config.eval`` (one schema, declared here), and the
+evaluation binary's flags override them (`EvalOptions.from_config`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from omnitrain_jax.evaluation import coco_metrics
+
+DET_PROTOCOLS = ("coco", "lvis")
+GRD_PROTOCOLS = ("refexp", "flickr")
+PROTOCOLS = DET_PROTOCOLS + GRD_PROTOCOLS
+GROUNDING_QUERIES = ("spans", "caption")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalOptions:
+  """``config.eval`` fields, with their defaults.
+
+  Attributes:
+    datasets: source names to evaluate; empty: every det/grd source with a
+      val file.
+    protocols: source name -> protocol (``coco``, ``lvis``, ``refexp``,
+      ``flickr``), overriding the guess from the reader and the name.
+    batch_size: global evaluation batch; 0: ``data.eval_batch_size``.
+    max_detections: (box, category) pairs kept per image (COCO/LVIS: 300).
+    nms_iou: per-category NMS IoU over those pairs (det protocols); 0: none,
+      the right choice for one-to-one training. Models trained with
+      ``loss.matches_per_target > 1`` predict each object several times and
+      need it (e.g. 0.5).
+    token_chunk: query tokens per logits chunk (memory ``[B, N, chunk]``).
+    coco_backend: ``faster_coco_eval`` or ``pycocotools`` (LVIS needs the
+      former).
+    max_batches: stop each dataset after this many batches (quick periodic
+      evaluations; COCO metrics then cover only the evaluated images); None:
+      all.
+    grounding_query: ``spans``: a phrase's query is the caption's tokens
+      inside its ``tokens_positive`` spans (as in training); ``caption``:
+      the whole caption (for referring-expression files whose spans mark only
+      the head noun).
+    recall_ks: the k of Flickr30k Recall@k.
+    progress_every_secs: console progress period.
+  """
+  datasets: tuple[str, ...] = ()
+  protocols: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  batch_size: int = 0
+  max_detections: int = 300
+  nms_iou: float = 0.0
+  token_chunk: int = 1024
+  coco_backend: str = "faster_coco_eval"
+  max_batches: int | None = None
+  grounding_query: str = "spans"
+  recall_ks: tuple[int, ...] = (1, 5, 10)
+  progress_every_secs: float = 10.0
+
+  def __post_init__(self):
+    if self.coco_backend not in coco_metrics.BACKENDS:
+      raise ValueError(f"eval.coco_backend={self.coco_backend!r}; use one of "
+                       f"{coco_metrics.BACKENDS}.")
+    if self.grounding_query not in GROUNDING_QUERIES:
+      raise ValueError(f"eval.grounding_query={self.grounding_query!r}; use "
+                       f"one of {GROUNDING_QUERIES}.")
+    bad = {k: v for k, v in self.protocols.items() if v not in PROTOCOLS}
+    if bad:
+      raise ValueError(f"eval.protocols={bad}: protocols are {PROTOCOLS}.")
+    for name in ("max_detections", "token_chunk"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"eval.{name}={getattr(self, name)} must be >= 1.")
+    if not 0.0 <= self.nms_iou < 1.0:
+      raise ValueError(f"eval.nms_iou={self.nms_iou} must be in [0, 1) "
+                       "(0: no NMS).")
+    if self.max_batches is not None and self.max_batches < 1:
+      raise ValueError(f"eval.max_batches={self.max_batches} must be >= 1 "
+                       "or None (all).")
+    if not self.recall_ks or min(self.recall_ks) < 1:
+      raise ValueError(f"eval.recall_ks={self.recall_ks} must be k >= 1.")
+
+  @classmethod
+  def from_config(cls, config: Any, **overrides) -> EvalOptions:
+    """From ``config.eval`` (absent: defaults), then non-None `overrides`."""
+    section = config.get("eval") if hasattr(config, "get") else None
+    values = dict(section.to_dict() if hasattr(section, "to_dict")
+                  else section or {})
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    allowed = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - allowed)
+    if unknown:
+      raise ValueError(f"Unknown config.eval fields {unknown}; known: "
+                       f"{sorted(allowed)}.")
+    for key in ("datasets", "recall_ks"):
+      if key in values:
+        v = values[key]
+        values[key] = tuple(v.split(",") if isinstance(v, str) else v or ())
+    if "protocols" in values:
+      values["protocols"] = dict(values["protocols"] or {})
+    return cls(**values)

@@ -1,0 +1,404 @@
+"""The `Predictor`: a trained run's model, ready for images and queries.
+
+`Predictor.from_workdir(workdir)` restores the params of a run (latest or
+given checkpoint) onto the config's mesh through `model_setup` and the run's
+vocabulary; `predict(image, text_queries, image_queries)` returns the boxes
+of one image as a JSON-able dict, and `predict_files` writes ``<stem>.json``
+and ``<stem>.png`` per image. The ``predict`` binary (`omnitrain_jax.predict`,
+whose docstring describes queries, images and outputs) is a thin wrapper.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from absl import logging
+from etils import epath
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from omnitrain_jax import checkpointing
+from omnitrain_jax import config_lib
+from omnitrain_jax import model_setup
+from omnitrain_jax import sharding
+from omnitrain_jax.data import images as images_lib
+from omnitrain_jax.data import pipeline
+from omnitrain_jax.data import transforms
+from omnitrain_jax.evaluation import detections as detections_lib
+from omnitrain_jax.evaluation import draw
+from omnitrain_jax.evaluation import grounding_metrics
+from omnitrain_jax.evaluation import inference
+from omnitrain_jax.evaluation import queries as queries_lib
+from omnitrain_jax.models import omnidet
+from omnitrain_jax.vocab import tokenizer as tokenizer_lib
+from omnitrain_jax.vocab import vocabulary as vocabulary_lib
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif",
+                    ".tiff")
+VOCAB_FILE = "vocab.txt"
+# A warning when the image-guided query's box matches no prediction well.
+MIN_QUERY_BOX_IOU = 0.3
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageQuery:
+  """An image-guided query: a box's class embedding from another image.
+
+  Attributes:
+    label: the name used in outputs.
+    embedding: float32 [D], L2-normalised.
+    info: where it came from (query image, given box, matched box, IoU).
+  """
+  label: str
+  embedding: np.ndarray
+  info: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedImage:
+  """A decoded image and its canvas.
+
+  Attributes:
+    path: the file.
+    pixels: uint8 [H, W, 3] RGB, EXIF orientation applied.
+    canvas: uint8 [S, S, 3], longest side resized to S, padded.
+    scale: original -> canvas pixels.
+  """
+  path: str
+  pixels: np.ndarray
+  canvas: np.ndarray
+  scale: float
+
+
+def resolve_vocab(workdir: str, config: Any, vocab: str | None = None
+                  ) -> str:
+  """The vocabulary file of a run (see the module doc for the order)."""
+  candidates = [vocab, os.path.join(workdir, VOCAB_FILE),
+                config.data.vocab.get("path") or None]
+  for path in candidates:
+    if path and epath.Path(path).exists():
+      return str(path)
+  if vocab:
+    raise FileNotFoundError(f"--vocab={vocab} does not exist.")
+  logging.info("No %s in %s and no data.vocab.path: building the vocabulary "
+               "from the config's data (cached).", VOCAB_FILE, workdir)
+  return pipeline.prepare_data(config.data).vocab_path
+
+
+def list_images(path: str) -> list[str]:
+  """`path` itself, or the image files directly in folder `path`, sorted."""
+  if os.path.isdir(path):
+    files = sorted(os.path.join(path, f) for f in os.listdir(path)
+                   if f.lower().endswith(IMAGE_EXTENSIONS))
+    if not files:
+      raise FileNotFoundError(f"No image files ({', '.join(IMAGE_EXTENSIONS)}"
+                              f") in {path}.")
+    return files
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"--image={path} does not exist.")
+  return [path]
+
+
+def parse_box(text: str) -> tuple[float, float, float, float]:
+  """"x,y,w,h" -> floats (pixels of the query image)."""
+  try:
+    x, y, w, h = (float(v) for v in text.split(","))
+  except ValueError:
+    raise ValueError(f"--query_box={text!r} must be four numbers x,y,w,h "
+                     "(top-left corner, width, height in pixels).") from None
+  if w <= 0 or h <= 0:
+    raise ValueError(f"--query_box={text!r}: width and height must be > 0.")
+  return x, y, w, h
+
+
+class Predictor:
+  """A trained model ready to find boxes for text and image queries."""
+
+  def __init__(self, *, model: omnidet.OmniDet, params: Any,
+               mesh: jax.sharding.Mesh, param_shardings: Any, rules: Any,
+               tokenizer: tokenizer_lib.Tokenizer, step: int | None = None):
+    """Wraps a model and its params (see `from_workdir`).
+
+    Args:
+      model: the OmniDet.
+      params: its params, placed with `param_shardings`.
+      mesh: the device mesh.
+      param_shardings: the params' shardings.
+      rules: logical axis rules (activation constraints).
+      tokenizer: over the run's vocabulary.
+      step: the checkpoint step (recorded in the JSON).
+    """
+    self.model, self.params, self.mesh = model, params, mesh
+    self.tokenizer, self.step = tokenizer, step
+    self._rules = rules
+    rep = sharding.replicated(mesh)
+
+    def encode(params, canvas):
+      return model.apply({"params": params}, canvas, train=False,
+                         method=omnidet.OmniDet.encode)
+
+    self._encode = self._jit(encode, in_shardings=(param_shardings, rep),
+                             out_shardings=rep)
+    self._param_shardings = param_shardings
+    self._detect_cache: dict[tuple, Any] = {}
+    self._describe_cache: dict[int, Any] = {}
+
+  @classmethod
+  def from_workdir(cls, workdir: str, *, config: Any = None,
+                   step: int | None = None, vocab: str | None = None
+                   ) -> Predictor:
+    """Restores the params of a training run.
+
+    Args:
+      workdir: the run's directory.
+      config: its config (default ``WORKDIR/config.json``).
+      step: checkpoint step (default: the latest finished).
+      vocab: vocabulary file (default: see `resolve_vocab`).
+    """
+    config = config or config_lib.config_from_workdir(workdir)
+    vocabulary = vocabulary_lib.Vocabulary.load(
+        resolve_vocab(workdir, config, vocab))
+    # Only what the model needs: no dataset is opened.
+    setup = model_setup.create(config, vocab_size=len(vocabulary),
+                               spec=pipeline.spec_from_config(config.data))
+    params, step = checkpointing.restore_params(workdir, setup.abstract_state,
+                                                step)
+    return cls(model=setup.model, params=params, mesh=setup.mesh,
+               param_shardings=setup.param_shardings, rules=setup.rules,
+               tokenizer=tokenizer_lib.Tokenizer(vocabulary), step=step)
+
+  def _jit(self, fn, **jit_kwargs):
+    return sharding.jit_in_mesh(fn, self.mesh, self._rules, **jit_kwargs)
+
+  def _embed_fn(self, params):
+    """ids -> normalised token rows (`OmniDet.token_embeddings`)."""
+    return lambda ids: self.model.apply(
+        {"params": params}, ids, method=omnidet.OmniDet.token_embeddings)
+
+  # ------------------------------------------------------------- images
+
+  def load_image(self, path: str) -> LoadedImage:
+    """Decodes (EXIF-rotated RGB) and resizes/pads like evaluation."""
+    record = {"image_path": os.path.abspath(path), "width": 0, "height": 0,
+              "source": "predict", "image_id": 0}
+    pixels = images_lib.load_image(record)
+    resized = transforms.ResizePad(self.model.image_size).apply(
+        {"image": pixels, "boxes": np.zeros((0, 4), np.float32),
+         "stream": "img"})
+    return LoadedImage(path=path, pixels=pixels, canvas=resized["image"],
+                       scale=float(resized["scale"]))
+
+  def encode(self, image: LoadedImage) -> dict[str, jax.Array]:
+    """`OmniDet.encode` of one image (batch of 1, on the devices)."""
+    return self._encode(self.params, image.canvas[None])
+
+  def _to_pixels(self, image: LoadedImage, boxes: np.ndarray) -> np.ndarray:
+    """Canvas cxcywh [..., 4] -> xyxy pixels of `image`."""
+    boxes = np.asarray(boxes)[None]
+    h, w = image.pixels.shape[:2]
+    return detections_lib.canvas_to_original_xyxy(
+        boxes, self.model.image_size, np.array([image.scale]),
+        np.array([[h, w]]))[0]
+
+  # ------------------------------------------------------------ queries
+
+  def text_queries(self, texts: Sequence[str]) -> list[queries_lib.Query]:
+    """Tokenizes; logs unknown words and queries without any known token."""
+    out = []
+    for text in texts:
+      q = queries_lib.text_query(self.tokenizer, text)
+      if q.empty:
+        logging.warning("Query %r has no word in the vocabulary (unknown: "
+                        "%s): it scores 0 and finds nothing.", text,
+                        list(q.unknown) or "only stop words")
+      elif q.unknown:
+        logging.warning("Query %r: words not in the vocabulary are left out: "
+                        "%s (scored on %s).", text, list(q.unknown),
+                        list(q.tokens[0]))
+      out.append(q)
+    return out
+
+  def image_query(self, path: str, box_xywh: Sequence[float],
+                  label: str | None = None) -> ImageQuery:
+    """The class embedding of the predicted box that best overlaps a box.
+
+    Args:
+      path: the query image.
+      box_xywh: ``x, y, w, h`` of the example object, in the query image's
+        pixels (as displayed, after EXIF rotation).
+      label: name for outputs (default ``image:<file name>``).
+
+    Returns:
+      The `ImageQuery`.
+    """
+    image = self.load_image(path)
+    enc = jax.device_get(self.encode(image))
+    predicted = self._to_pixels(image, enc["pred_boxes"][0])  # [N, 4]
+    given = detections_lib.xywh_to_xyxy(np.asarray(box_xywh, np.float32))
+    ious = grounding_metrics.box_iou(given[None], predicted)[0]
+    best = int(np.argmax(ious))
+    if ious[best] < MIN_QUERY_BOX_IOU:
+      logging.warning(
+          "Query box %s in %s overlaps no predicted box well (best IoU "
+          "%.2f): the query embedding may describe something else. Draw the "
+          "box tightly around one object.", list(box_xywh), path, ious[best])
+    info = {"query_image": path, "query_box_xywh": [float(v) for v in
+                                                    box_xywh],
+            "matched_box_xywh": np.round(detections_lib.xyxy_to_xywh(
+                predicted[best]).astype(np.float64), 2).tolist(),
+            "matched_iou": round(float(ious[best]), 4)}
+    return ImageQuery(label=label or f"image:{os.path.basename(path)}",
+                      embedding=np.asarray(enc["class_embeddings"][0, best],
+                                           np.float32), info=info)
+
+  # ------------------------------------------------------------ scoring
+
+  def _detect_fn(self, num_text: int, max_tokens: int, num_image: int,
+                 k: int, nms: float | None):
+    key = (num_text, max_tokens, num_image, k, nms)
+    if key not in self._detect_cache:
+      def detect(params, enc, tokens, embeddings):
+        parts = []
+        if num_text:
+          parts.append(inference.score_queries(enc, self._embed_fn(params),
+                                               tokens))
+        if num_image:
+          parts.append(inference.embedding_scores(enc, embeddings))
+        scores = jnp.concatenate(parts, axis=-1)  # [1, N, Q]
+        top, boxes, index = inference.top_k_detections(
+            scores, enc["pred_boxes"], k, nms_iou_threshold=nms)
+        return top[0], boxes[0], index[0]  # [Q, k], [Q, k, 4], [Q, k]
+      rep = sharding.replicated(self.mesh)
+      self._detect_cache[key] = self._jit(
+          detect, in_shardings=(self._param_shardings, rep, rep, rep),
+          out_shardings=rep)
+    return self._detect_cache[key]
+
+  def _describe(self, enc, box_index: np.ndarray, k: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k vocabulary tokens (probabilities, ids) of boxes [M]."""
+    if k not in self._describe_cache:
+      def describe(params, enc, index):
+        boxes = {key: jnp.take(enc[key], index, axis=1) for key in
+                 ("class_embeddings", "logit_scale", "logit_shift")}
+        logits, ids = inference.top_k_vocab(
+            boxes, self._embed_fn(params), self.model.vocab_size, k)
+        return jax.nn.sigmoid(logits[0]), ids[0]
+      rep = sharding.replicated(self.mesh)
+      self._describe_cache[k] = self._jit(
+          describe, in_shardings=(self._param_shardings, rep, rep),
+          out_shardings=rep)
+    probs, ids = self._describe_cache[k](self.params, enc,
+                                         np.asarray(box_index, np.int32))
+    return np.asarray(probs), np.asarray(ids)
+
+  def predict(self, image: str | LoadedImage,
+              text_queries: Sequence[queries_lib.Query] = (),
+              image_queries: Sequence[ImageQuery] = (), *,
+              max_boxes: int = 20, threshold: float = 0.1,
+              nms_iou: float | None = 0.5, describe: int = 0
+              ) -> dict[str, Any]:
+    """Boxes of one image for the queries (the JSON of the module doc).
+
+    Args:
+      image: a path or a `LoadedImage`.
+      text_queries: from `text_queries`.
+      image_queries: from `image_query`.
+      max_boxes: boxes kept per query (before the threshold).
+      threshold: minimum score.
+      nms_iou: per-query NMS IoU, None or 0 for none.
+      describe: if > 0, the top tokens of each kept box.
+
+    Returns:
+      The prediction as a JSON-able dict.
+    """
+    if not text_queries and not image_queries:
+      raise ValueError("No queries: pass --queries and/or --query_image with "
+                       "--query_box.")
+    if isinstance(image, str):
+      image = self.load_image(image)
+    h, w = image.pixels.shape[:2]
+    enc = self.encode(image)
+    n = self.model.num_patches
+    k = max(1, min(max_boxes, n))
+    max_tokens = max([len(q.token_ids) for q in text_queries] + [1])
+    tokens = queries_lib.pad_queries(text_queries, len(text_queries),
+                                     max_tokens)
+    d = enc["class_embeddings"].shape[-1]
+    embeddings = np.stack([q.embedding for q in image_queries]) if (
+        image_queries) else np.zeros((0, d), np.float32)
+    fn = self._detect_fn(len(text_queries), max_tokens, len(image_queries), k,
+                         nms_iou or None)
+    scores, boxes, index = map(np.asarray, fn(self.params, enc, tokens,
+                                              embeddings))
+    xyxy = self._to_pixels(image, boxes)  # [Q, k, 4]
+    labels = ([q.text for q in text_queries] +
+              [q.label for q in image_queries])
+    empty = [q.empty for q in text_queries] + [False] * len(image_queries)
+    dets = []
+    for qi, label in enumerate(labels):
+      if empty[qi]:
+        continue
+      for j in range(k):
+        if scores[qi, j] < threshold or scores[qi, j] <= 0:
+          continue
+        dets.append({
+            "query": label, "query_index": qi,
+            "score": round(float(scores[qi, j]), 5),
+            "box_xyxy": np.round(xyxy[qi, j].astype(np.float64), 2).tolist(),
+            "box_xywh": np.round(detections_lib.xyxy_to_xywh(
+                xyxy[qi, j]).astype(np.float64), 2).tolist(),
+            "_box_index": int(index[qi, j])})
+    dets.sort(key=lambda x: -x["score"])
+    if describe and dets:
+      k_vocab = min(describe, len(self.tokenizer.vocab) - 2)
+      probs, ids = self._describe(enc, np.array([x["_box_index"]
+                                                 for x in dets]), k_vocab)
+      vocab = self.tokenizer.vocab
+      for x, p, t in zip(dets, probs, ids):
+        x["top_tokens"] = [[vocab.token(int(i)), round(float(v), 5)]
+                           for v, i in zip(p, t) if i >= 0]
+    for x in dets:
+      del x["_box_index"]
+    query_info = [{"query": q.text, "tokens": list(q.tokens[0]) if q.tokens
+                   else [], "unknown_words": list(q.unknown)}
+                  for q in text_queries]
+    query_info += [{"query": q.label, **q.info} for q in image_queries]
+    return {"image": os.path.abspath(image.path), "width": w, "height": h,
+            "step": self.step, "box_format": "pixels of the image as "
+            "displayed (EXIF applied); box_xyxy = [x0, y0, x1, y1], box_xywh "
+            "= [x, y, w, h]", "queries": query_info, "detections": dets}
+
+
+def _output_stems(paths: Sequence[str]) -> list[str]:
+  """File stems, made unique ("a.jpg", "a.png" -> "a_jpg", "a_png")."""
+  stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+  dupes = {s for s in stems if stems.count(s) > 1}
+  return [os.path.basename(p).replace(".", "_") if s in dupes else s
+          for p, s in zip(paths, stems)]
+
+
+def predict_files(predictor: Predictor, paths: Sequence[str], out_dir: str,
+                  texts: Sequence[str] = (),
+                  image_queries: Sequence[ImageQuery] = (), **kwargs
+                  ) -> list[dict[str, Any]]:
+  """Predicts every image; writes ``<stem>.json`` and ``<stem>.png``."""
+  os.makedirs(out_dir, exist_ok=True)
+  text_queries = predictor.text_queries(texts)
+  results = []
+  for path, stem in zip(paths, _output_stems(paths)):
+    image = predictor.load_image(path)
+    result = predictor.predict(image, text_queries, image_queries, **kwargs)
+    with open(os.path.join(out_dir, f"{stem}.json"), "w") as f:
+      json.dump(result, f, indent=1)
+    draw.draw_detections(image.pixels, result["detections"]).save(
+        os.path.join(out_dir, f"{stem}.png"))
+    logging.info("%s: %d boxes -> %s.{json,png}", path,
+                 len(result["detections"]), os.path.join(out_dir, stem))
+    results.append(result)
+  return results
