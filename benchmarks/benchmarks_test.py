@@ -126,3 +126,13 @@ def test_vocab_scaling_json_and_sparse_rows_match_dense():
   assert check["other_params_max_abs_diff"] < 1e-5
   assert check["untouched_rows_moved_sparse"] == 0.0
   assert report["slopes"] == {}  # One V: no line to fit.
+
+
+def test_batch_predict_reports_every_batch_size():
+  from benchmarks import batch_predict  # pylint: disable=import-outside-toplevel
+  report = batch_predict.main(["--num_images=3", "--batches=1,2",
+                               "--image_size=32"])
+  assert set(report["results"]) == {"batch_1", "batch_2", "batch_1_png",
+                                    "batch_2_png"}
+  assert report["results"]["batch_1"]["ratio_to_batch_1"] == 1.0
+  assert all(r["images_per_sec"] > 0 for r in report["results"].values())

@@ -263,7 +263,8 @@ def run_case(*, variant: str, image_size: int, batch: int, dtype: str,
 
   backbone = vit.VisionTransformer(
       **model.vit_config, dtype=model.dtype, remat=model.remat,
-      remat_policy=model.remat_policy, attention_impl=model.attention_impl)
+      remat_policy=model.remat_policy, attention_impl=model.attention_impl,
+      stem=model.stem)
 
   def vit_loss(backbone_params, images):
     x = omnidet.normalize_images(images, model.dtype)

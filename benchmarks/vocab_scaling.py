@@ -401,7 +401,7 @@ def run_vocab(vocab_size: int, *, args, rules, check: bool) -> dict[str, Any]:
     out["device_peak_bytes_so_far"] = peak
   if check_out is not None:
     out["sparse_check"] = check_out
-  del timer, compiled_fns, batch, s
+  del timer, compiled_fns, batch, setup
   gc.collect()
   return out
 

@@ -6,6 +6,8 @@ r"""Prediction: images + text (or image) queries -> boxes as JSON and PNG.
         --query_image=example.jpg --query_box=40,30,80,60
     python -m omnitrain_jax.predict --workdir=runs/demo --image=a.png \
         --queries="star" --describe=5     # + the 5 best tokens of each box
+    python -m omnitrain_jax.predict --workdir=runs/demo --image=val2017/ \
+        --categories_from=instances_val2017.json --batch_size=16
 
 Model and vocabulary. The params of the latest finished checkpoint (or
 ``--checkpoint_step``) are restored onto the config's mesh; the config is
@@ -44,9 +46,19 @@ Output, per image, in ``--out`` (default ``WORKDIR/predict``):
   displayed, best first; with ``--describe=K`` each detection also has
   ``top_tokens`` (``[[token, probability], ...]``, chunked full-vocabulary
   top-k);
-* ``<stem>.png``: the image with the boxes and "query score" labels (an
+* ``<stem>.png`` (unless ``--nopng``): the image with the boxes and "query score" labels (an
   image under 512 px is drawn enlarged by an integer factor, so the labels
   do not hide the objects; the JSON stays in original pixels).
+
+* ``detections.json`` (with ``--categories_from=FILE``, whose category
+  names are then the text queries): every kept box as a COCO result
+  (``image_id`` of the file's image with the same file name, else the
+  image's position in the list; ``category_id``; ``bbox``; ``score``);
+* ``skipped.json``: the images that could not be read (each reported in
+  the log; the others are predicted).
+
+Images are predicted ``--batch_size`` at a time, split over the devices of
+the mesh's data axis, with progress (images, images/s, ETA) on the console.
 
 Per query the ``--max_boxes`` best boxes above ``--threshold`` are kept,
 after greedy NMS per query at IoU ``--nms_iou`` (0 disables it; one-to-one
@@ -72,8 +84,14 @@ def _define_flags() -> None:
   flags.DEFINE_string("workdir", None, "The training run's directory.")
   flags.DEFINE_integer("checkpoint_step", None,
                        "Checkpoint step (default: the latest finished).")
-  flags.DEFINE_string("image", None, "An image file or a folder of images.")
+  flags.DEFINE_string("image", None, "An image file, a folder of images, or "
+                      "a .txt file listing images (one path a line).")
   flags.DEFINE_list("queries", [], "Comma-separated text queries.")
+  flags.DEFINE_string("categories_from", None,
+                      "A COCO/LVIS instances file: its category names are "
+                      "the queries, and detections.json holds COCO results.")
+  flags.DEFINE_integer("batch_size", 8, "Images per device batch.")
+  flags.DEFINE_bool("png", True, "Also draw <stem>.png per image.")
   flags.DEFINE_string("query_image", None, "Image of an example object.")
   flags.DEFINE_string("query_box", None,
                       "x,y,w,h of the example object in --query_image.")
@@ -96,8 +114,14 @@ def main(argv: Sequence[str]) -> None:
   runtime.quiet_library_logs()
   if bool(f.query_image) != bool(f.query_box):
     raise app.UsageError("--query_image and --query_box go together.")
-  if not f.queries and not f.query_image:
-    raise app.UsageError("Pass --queries and/or --query_image/--query_box.")
+  categories = (predictor_lib.coco_categories(f.categories_from)
+                if f.categories_from else None)
+  texts = [q.strip() for q in f.queries if q.strip()]
+  if categories is not None:
+    texts += [name for name in categories[0] if name not in texts]
+  if not texts and not f.query_image:
+    raise app.UsageError("Pass --queries (comma-separated words), "
+                         "--categories_from and/or --query_image/--query_box.")
   paths = predictor_lib.list_images(f.image)
   predictor = predictor_lib.Predictor.from_workdir(
       f.workdir, config=f.config, step=f.checkpoint_step, vocab=f.vocab)
@@ -107,7 +131,8 @@ def main(argv: Sequence[str]) -> None:
         f.query_image, predictor_lib.parse_box(f.query_box)))
   predictor_lib.predict_files(
       predictor, paths, f.out or os.path.join(f.workdir, "predict"),
-      [q.strip() for q in f.queries if q.strip()], image_queries,
+      texts, image_queries, batch_size=f.batch_size, categories=categories,
+      draw_png=f.png,
       max_boxes=f.max_boxes, threshold=f.threshold, nms_iou=f.nms_iou,
       describe=f.describe)
 

@@ -38,6 +38,26 @@ def test_rate_excludes_first_step_and_eta(caplog):
   assert 'Step 5/21' in caplog.text and 'ETA 0:00:08' in caplog.text
 
 
+def test_counts_other_units_with_a_name_and_a_mean_rate(caplog):
+  clock = _Clock()
+  report = progress.ReportProgress(100, every_secs=10.0, time_fn=clock,
+                                   is_lead=True, name='coco_val',
+                                   unit='images')
+  clock.now += 20.0  # The first batch includes compilation.
+  report(10)
+  clock.now += 2.0
+  assert report(30) is None  # 2 s: not due.
+  clock.now += 8.0
+  with caplog.at_level(logging.INFO):
+    got = report(70)
+  assert got['images_per_sec'] == pytest.approx(6.0)  # 60 images in 10 s.
+  assert 'coco_val: 70/100 images (70%), 6 images/s' in caplog.text
+  clock.now += 15.0
+  assert report(100)['images_per_sec'] == pytest.approx(2.0)
+  # Since the first call: 90 images in 25 s.
+  assert report.mean_rate == pytest.approx(90 / 25)
+
+
 def test_time_based_reports_and_last_step():
   clock = _Clock()
   report = progress.ReportProgress(10, every_secs=5.0, time_fn=clock,

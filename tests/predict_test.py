@@ -170,3 +170,48 @@ def test_image_query_uses_the_matched_box_embedding(predictor, images):
   want = 1 / (1 + np.exp(-(enc["logit_scale"][0, 5]
                            + enc["logit_shift"][0, 5])))
   assert own["score"] == pytest.approx(want, abs=1e-4)
+
+
+def test_batches_equal_one_image_at_a_time_and_bad_files_are_skipped(
+    predictor, images, tmp_path):
+  from omnitrain_jax.evaluation import predictor as predictor_lib
+  folder, paths, _ = images
+  listed = tmp_path / "list"
+  listed.mkdir()
+  for name, path in paths.items():
+    (listed / path.name).write_bytes(path.read_bytes())
+  (listed / "broken.jpg").write_bytes(b"not a jpeg")
+  files = predictor_lib.list_images(str(listed))
+  assert len(files) == 5
+  categories = ({"red circle": 7, "blue star": 9},
+                {"shapes.jpg": 123})  # One image known by file name.
+  texts = list(categories[0])
+  batched = predictor_lib.predict_files(
+      predictor, files, str(tmp_path / "out"), texts, batch_size=3,
+      categories=categories, threshold=0.0, max_boxes=4)
+  assert len(batched) == 4  # The broken file is skipped, not fatal.
+  skipped = json.loads((tmp_path / "out" / "skipped.json").read_text())
+  assert [pathlib.Path(s["image"]).name for s in skipped] == ["broken.jpg"]
+  queries = predictor.text_queries(texts)
+  coco = json.loads((tmp_path / "out" / "detections.json").read_text())
+  for result in batched:
+    single = predictor.predict(result["image"], queries, threshold=0.0,
+                               max_boxes=4)
+    assert [d["query"] for d in result["detections"]] == [
+        d["query"] for d in single["detections"]]
+    np.testing.assert_allclose(
+        [d["score"] for d in result["detections"]],
+        [d["score"] for d in single["detections"]], atol=2e-5)
+    np.testing.assert_allclose(
+        [d["box_xywh"] for d in result["detections"]],
+        [d["box_xywh"] for d in single["detections"]], atol=0.02)
+    name = pathlib.Path(result["image"]).name
+    image_id = 123 if name == "shapes.jpg" else files.index(result["image"])
+    mine = [c for c in coco if c["image_id"] == image_id]
+    assert len(mine) == len(result["detections"]) > 0
+    assert {c["category_id"] for c in mine} <= {7, 9}
+  # A .txt list of files, relative to the list's folder.
+  (tmp_path / "list.txt").write_text("list/gray.png\n# a comment\n\n"
+                                     "list/rgba.png\n")
+  assert predictor_lib.list_images(str(tmp_path / "list.txt")) == [
+      str(tmp_path / "list" / "gray.png"), str(tmp_path / "list" / "rgba.png")]

@@ -25,7 +25,9 @@ import numpy as np
 from omnitrain_jax import checkpointing
 from omnitrain_jax import config_lib
 from omnitrain_jax import model_setup
+from omnitrain_jax import progress
 from omnitrain_jax import sharding
+from omnitrain_jax.data import errors
 from omnitrain_jax.data import images as images_lib
 from omnitrain_jax.data import pipeline
 from omnitrain_jax.data import transforms
@@ -91,7 +93,8 @@ def resolve_vocab(workdir: str, config: Any, vocab: str | None = None
 
 
 def list_images(path: str) -> list[str]:
-  """`path` itself, or the image files directly in folder `path`, sorted."""
+  """The images of `path`: the file itself, the image files directly in a
+  folder (sorted), or the lines of a ``.txt`` list (relative to its folder)."""
   if os.path.isdir(path):
     files = sorted(os.path.join(path, f) for f in os.listdir(path)
                    if f.lower().endswith(IMAGE_EXTENSIONS))
@@ -101,6 +104,14 @@ def list_images(path: str) -> list[str]:
     return files
   if not os.path.exists(path):
     raise FileNotFoundError(f"--image={path} does not exist.")
+  if path.lower().endswith(".txt"):
+    base = os.path.dirname(os.path.abspath(path))
+    with open(path) as f:
+      files = [os.path.join(base, line.strip()) for line in f
+               if line.strip() and not line.startswith("#")]
+    if not files:
+      raise FileNotFoundError(f"--image={path} lists no image files.")
+    return files
   return [path]
 
 
@@ -136,7 +147,7 @@ class Predictor:
     self.model, self.params, self.mesh = model, params, mesh
     self.tokenizer, self.step = tokenizer, step
     self._rules = rules
-    rep = sharding.replicated(mesh)
+    rep, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
 
     def encode(params, canvas):
       return model.apply({"params": params}, canvas, train=False,
@@ -144,6 +155,10 @@ class Predictor:
 
     self._encode = self._jit(encode, in_shardings=(param_shardings, rep),
                              out_shardings=rep)
+    # Batches of images: split over the mesh's data axis.
+    self._encode_batch = self._jit(encode,
+                                   in_shardings=(param_shardings, batch),
+                                   out_shardings=batch)
     self._param_shardings = param_shardings
     self._detect_cache: dict[tuple, Any] = {}
     self._describe_cache: dict[int, Any] = {}
@@ -196,6 +211,23 @@ class Predictor:
   def encode(self, image: LoadedImage) -> dict[str, jax.Array]:
     """`OmniDet.encode` of one image (batch of 1, on the devices)."""
     return self._encode(self.params, image.canvas[None])
+
+  @property
+  def data_parallel(self) -> int:
+    """Images per batch must be a multiple of this (the mesh's data axis)."""
+    return self.mesh.shape[sharding.DATA]
+
+  def _encode_images(self, images: Sequence[LoadedImage]
+                     ) -> dict[str, jax.Array]:
+    """`OmniDet.encode` of a batch, padded to a multiple of `data_parallel`."""
+    canvases = np.stack([im.canvas for im in images])
+    pad = -len(images) % self.data_parallel
+    if len(images) == 1 and pad == 0:
+      return self.encode(images[0])  # The single-image program, as before.
+    if pad:
+      canvases = np.concatenate(
+          [canvases, np.zeros((pad,) + canvases.shape[1:], canvases.dtype)])
+    return self._encode_batch(self.params, canvases)
 
   def _to_pixels(self, image: LoadedImage, boxes: np.ndarray) -> np.ndarray:
     """Canvas cxcywh [..., 4] -> xyxy pixels of `image`."""
@@ -269,10 +301,10 @@ class Predictor:
                                                tokens))
         if num_image:
           parts.append(inference.embedding_scores(enc, embeddings))
-        scores = jnp.concatenate(parts, axis=-1)  # [1, N, Q]
-        top, boxes, index = inference.top_k_detections(
-            scores, enc["pred_boxes"], k, nms_iou_threshold=nms)
-        return top[0], boxes[0], index[0]  # [Q, k], [Q, k, 4], [Q, k]
+        scores = jnp.concatenate(parts, axis=-1)  # [B, N, Q]
+        # [B, Q, k], [B, Q, k, 4], [B, Q, k]
+        return inference.top_k_detections(scores, enc["pred_boxes"], k,
+                                          nms_iou_threshold=nms)
       rep = sharding.replicated(self.mesh)
       self._detect_cache[key] = self._jit(
           detect, in_shardings=(self._param_shardings, rep, rep, rep),
@@ -299,14 +331,35 @@ class Predictor:
 
   def predict(self, image: str | LoadedImage,
               text_queries: Sequence[queries_lib.Query] = (),
-              image_queries: Sequence[ImageQuery] = (), *,
-              max_boxes: int = 20, threshold: float = 0.1,
-              nms_iou: float | None = 0.5, describe: int = 0
+              image_queries: Sequence[ImageQuery] = (), **kwargs
               ) -> dict[str, Any]:
     """Boxes of one image for the queries (the JSON of the module doc).
 
     Args:
       image: a path or a `LoadedImage`.
+      text_queries: from `text_queries`.
+      image_queries: from `image_query`.
+      **kwargs: see `predict_batch`.
+
+    Returns:
+      The prediction as a JSON-able dict.
+    """
+    if isinstance(image, str):
+      image = self.load_image(image)
+    return self.predict_batch([image], text_queries, image_queries,
+                              **kwargs)[0]
+
+  def predict_batch(self, images: Sequence[LoadedImage],
+                    text_queries: Sequence[queries_lib.Query] = (),
+                    image_queries: Sequence[ImageQuery] = (), *,
+                    max_boxes: int = 20, threshold: float = 0.1,
+                    nms_iou: float | None = 0.5, describe: int = 0
+                    ) -> list[dict[str, Any]]:
+    """Boxes of several images for the same queries, in one device batch.
+
+    Args:
+      images: decoded images (`load_image`); padded on the device side to a
+        multiple of the mesh's data axis.
       text_queries: from `text_queries`.
       image_queries: from `image_query`.
       max_boxes: boxes kept per query (before the threshold).
@@ -315,15 +368,12 @@ class Predictor:
       describe: if > 0, the top tokens of each kept box.
 
     Returns:
-      The prediction as a JSON-able dict.
+      One JSON-able dict per image (the module doc of `predict`).
     """
     if not text_queries and not image_queries:
       raise ValueError("No queries: pass --queries and/or --query_image with "
                        "--query_box.")
-    if isinstance(image, str):
-      image = self.load_image(image)
-    h, w = image.pixels.shape[:2]
-    enc = self.encode(image)
+    enc = self._encode_images(images)
     n = self.model.num_patches
     k = max(1, min(max_boxes, n))
     max_tokens = max([len(q.token_ids) for q in text_queries] + [1])
@@ -336,43 +386,52 @@ class Predictor:
                          nms_iou or None)
     scores, boxes, index = map(np.asarray, fn(self.params, enc, tokens,
                                               embeddings))
-    xyxy = self._to_pixels(image, boxes)  # [Q, k, 4]
     labels = ([q.text for q in text_queries] +
               [q.label for q in image_queries])
     empty = [q.empty for q in text_queries] + [False] * len(image_queries)
-    dets = []
-    for qi, label in enumerate(labels):
-      if empty[qi]:
-        continue
-      for j in range(k):
-        if scores[qi, j] < threshold or scores[qi, j] <= 0:
-          continue
-        dets.append({
-            "query": label, "query_index": qi,
-            "score": round(float(scores[qi, j]), 5),
-            "box_xyxy": np.round(xyxy[qi, j].astype(np.float64), 2).tolist(),
-            "box_xywh": np.round(detections_lib.xyxy_to_xywh(
-                xyxy[qi, j]).astype(np.float64), 2).tolist(),
-            "_box_index": int(index[qi, j])})
-    dets.sort(key=lambda x: -x["score"])
-    if describe and dets:
-      k_vocab = min(describe, len(self.tokenizer.vocab) - 2)
-      probs, ids = self._describe(enc, np.array([x["_box_index"]
-                                                 for x in dets]), k_vocab)
-      vocab = self.tokenizer.vocab
-      for x, p, t in zip(dets, probs, ids):
-        x["top_tokens"] = [[vocab.token(int(i)), round(float(v), 5)]
-                           for v, i in zip(p, t) if i >= 0]
-    for x in dets:
-      del x["_box_index"]
     query_info = [{"query": q.text, "tokens": list(q.tokens[0]) if q.tokens
                    else [], "unknown_words": list(q.unknown)}
                   for q in text_queries]
     query_info += [{"query": q.label, **q.info} for q in image_queries]
-    return {"image": os.path.abspath(image.path), "width": w, "height": h,
-            "step": self.step, "box_format": "pixels of the image as "
-            "displayed (EXIF applied); box_xyxy = [x0, y0, x1, y1], box_xywh "
-            "= [x, y, w, h]", "queries": query_info, "detections": dets}
+    results = []
+    for b, image in enumerate(images):
+      h, w = image.pixels.shape[:2]
+      xyxy = self._to_pixels(image, boxes[b])  # [Q, k, 4]
+      dets = []
+      for qi, label in enumerate(labels):
+        if empty[qi]:
+          continue
+        for j in range(k):
+          score = scores[b, qi, j]
+          if score < threshold or score <= 0:
+            continue
+          dets.append({
+              "query": label, "query_index": qi,
+              "score": round(float(score), 5),
+              "box_xyxy": np.round(xyxy[qi, j].astype(np.float64),
+                                   2).tolist(),
+              "box_xywh": np.round(detections_lib.xyxy_to_xywh(
+                  xyxy[qi, j]).astype(np.float64), 2).tolist(),
+              "_box_index": int(index[b, qi, j])})
+      dets.sort(key=lambda x: -x["score"])
+      if describe and dets:
+        k_vocab = min(describe, len(self.tokenizer.vocab) - 2)
+        one = {key: np.asarray(enc[key][b:b + 1]) for key in
+               ("class_embeddings", "logit_scale", "logit_shift")}
+        probs, ids = self._describe(one, np.array([x["_box_index"]
+                                                   for x in dets]), k_vocab)
+        vocab = self.tokenizer.vocab
+        for x, p, t in zip(dets, probs, ids):
+          x["top_tokens"] = [[vocab.token(int(i)), round(float(v), 5)]
+                             for v, i in zip(p, t) if i >= 0]
+      for x in dets:
+        del x["_box_index"]
+      results.append({
+          "image": os.path.abspath(image.path), "width": w, "height": h,
+          "step": self.step, "box_format": "pixels of the image as "
+          "displayed (EXIF applied); box_xyxy = [x0, y0, x1, y1], box_xywh "
+          "= [x, y, w, h]", "queries": query_info, "detections": dets})
+    return results
 
 
 def _output_stems(paths: Sequence[str]) -> list[str]:
@@ -383,22 +442,107 @@ def _output_stems(paths: Sequence[str]) -> list[str]:
           for p, s in zip(paths, stems)]
 
 
+def coco_categories(json_path: str) -> tuple[dict[str, int], dict[str, int]]:
+  """A COCO/LVIS file's categories and images, for COCO-format predictions.
+
+  Returns:
+    (category name -> id, image file base name -> image id).
+  """
+  with open(json_path) as f:
+    data = json.load(f)
+  if not isinstance(data, dict) or not data.get("categories"):
+    raise ValueError(f"--categories_from={json_path} has no 'categories' "
+                     "list; pass a COCO or LVIS instances file.")
+  names = {c["name"]: int(c["id"]) for c in data["categories"]}
+  images = {os.path.basename(im.get("file_name") or im.get("coco_url", "")):
+            int(im["id"]) for im in data.get("images", [])}
+  return names, images
+
+
 def predict_files(predictor: Predictor, paths: Sequence[str], out_dir: str,
                   texts: Sequence[str] = (),
-                  image_queries: Sequence[ImageQuery] = (), **kwargs
+                  image_queries: Sequence[ImageQuery] = (), *,
+                  batch_size: int = 8,
+                  categories: tuple[dict[str, int], dict[str, int]] | None
+                  = None, draw_png: bool = True,
+                  progress_every_secs: float = 10.0, **kwargs
                   ) -> list[dict[str, Any]]:
-  """Predicts every image; writes ``<stem>.json`` and ``<stem>.png``."""
+  """Predicts every image in batches; writes ``<stem>.json`` and ``.png``.
+
+  Unreadable images are reported, counted and skipped. With `categories`
+  (`coco_categories`: the queries are a dataset's category names), also
+  writes ``detections.json``, every kept box as a COCO result (``image_id``
+  from the file's images by file name, else the image's position in
+  `paths`; ``category_id``; ``bbox`` ``[x, y, w, h]``; ``score``).
+
+  Args:
+    predictor: the model.
+    paths: image files.
+    out_dir: where the files go.
+    texts: text queries.
+    image_queries: image-guided queries.
+    batch_size: images per device batch (rounded up to a multiple of the
+      mesh's data axis).
+    categories: see above.
+    draw_png: also write ``<stem>.png`` (drawing dominates the host's time
+      for small models: `benchmarks/batch_predict.py`).
+    progress_every_secs: console progress period.
+    **kwargs: `Predictor.predict_batch` options.
+
+  Returns:
+    The predictions of the readable images, in order.
+  """
   os.makedirs(out_dir, exist_ok=True)
+  if batch_size < 1:
+    raise ValueError(f"--batch_size={batch_size} must be >= 1.")
   text_queries = predictor.text_queries(texts)
-  results = []
-  for path, stem in zip(paths, _output_stems(paths)):
-    image = predictor.load_image(path)
-    result = predictor.predict(image, text_queries, image_queries, **kwargs)
-    with open(os.path.join(out_dir, f"{stem}.json"), "w") as f:
-      json.dump(result, f, indent=1)
-    draw.draw_detections(image.pixels, result["detections"]).save(
-        os.path.join(out_dir, f"{stem}.png"))
-    logging.info("%s: %d boxes -> %s.{json,png}", path,
-                 len(result["detections"]), os.path.join(out_dir, stem))
-    results.append(result)
+  dp = predictor.data_parallel
+  batch_size = -(-min(batch_size, max(len(paths), 1)) // dp) * dp
+  report = progress.ReportProgress(len(paths), every_secs=progress_every_secs,
+                                   name="predict", unit="images")
+  report(0)
+  stems = dict(zip(paths, _output_stems(paths)))
+  position = {p: i for i, p in enumerate(paths)}
+  results, coco, skipped = [], [], []
+  for start in range(0, len(paths), batch_size):
+    chunk = paths[start:start + batch_size]
+    images = []
+    for path in chunk:
+      try:
+        images.append(predictor.load_image(path))
+      except (errors.DataError, OSError) as e:
+        logging.warning("Skipping %s: %s", path, e)
+        skipped.append({"image": path, "error": str(e)})
+    if images:
+      batch = predictor.predict_batch(images, text_queries, image_queries,
+                                      **kwargs)
+    else:
+      batch = []
+    for image, result in zip(images, batch):
+      stem = os.path.join(out_dir, stems[image.path])
+      with open(f"{stem}.json", "w") as f:
+        json.dump(result, f, indent=1)
+      if draw_png:
+        draw.draw_detections(image.pixels, result["detections"]).save(
+            f"{stem}.png")
+      logging.info("%s: %d boxes -> %s.json", image.path,
+                   len(result["detections"]), stem)
+      if categories is not None:
+        names, image_ids = categories
+        image_id = image_ids.get(os.path.basename(image.path),
+                                 position[image.path])
+        coco += [{"image_id": image_id, "category_id": names[d["query"]],
+                  "bbox": d["box_xywh"], "score": d["score"]}
+                 for d in result["detections"] if d["query"] in names]
+      results.append(result)
+    report(start + len(chunk))
+  if categories is not None:
+    with open(os.path.join(out_dir, "detections.json"), "w") as f:
+      json.dump(coco, f)
+  if skipped:
+    with open(os.path.join(out_dir, "skipped.json"), "w") as f:
+      json.dump(skipped, f, indent=1)
+    logging.warning("%d of %d images could not be read and were skipped "
+                    "(listed in %s).", len(skipped), len(paths),
+                    os.path.join(out_dir, "skipped.json"))
   return results
