@@ -29,6 +29,9 @@ INSTALL_REQUIRES = [
     "opencv-python-headless==5.0.0.93",
     "simplejpeg==1.9.0",
     "etils==1.15.0",
+    # jax.export (de)serialization (omnitrain_jax.export, serving); not a jax
+    # dependency.
+    "flatbuffers==25.12.19",
 ]
 
 setuptools.setup(
