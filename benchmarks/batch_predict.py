@@ -33,7 +33,7 @@ if __package__ in (None, ""):  # Run as a script: make `benchmarks` importable.
 
 from benchmarks import common  # pylint: disable=g-import-not-at-top
 from omnitrain_jax import model_setup  # pylint: disable=g-import-not-at-top
-from omnitrain_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+from omnitrain_jax.data import preparation  # pylint: disable=g-import-not-at-top
 from omnitrain_jax.evaluation import predictor as predictor_lib  # pylint: disable=g-import-not-at-top
 from omnitrain_jax.vocab import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
 from omnitrain_jax.vocab import vocabulary as vocabulary_lib  # pylint: disable=g-import-not-at-top
@@ -47,7 +47,7 @@ def make_predictor(image_size: int, seed: int = 0) -> predictor_lib.Predictor:
   words = sorted({w for q in QUERIES for w in q.split()} | {"pink", "ring"})
   vocab = vocabulary_lib.Vocabulary(words)
   setup = model_setup.create(config, vocab_size=len(vocab),
-                             spec=pipeline.spec_from_config(config.data))
+                             spec=preparation.spec_from_config(config.data))
   state = setup.init_fn(seed)
   return predictor_lib.Predictor(
       model=setup.model, params=state.params, mesh=setup.mesh,

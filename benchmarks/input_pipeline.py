@@ -72,6 +72,7 @@ sys.path.insert(0, _REPO)
 
 from omnitrain_jax import config_lib  # pylint: disable=g-import-not-at-top
 from omnitrain_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+from omnitrain_jax.data import preparation  # pylint: disable=g-import-not-at-top
 from omnitrain_jax.data import schema  # pylint: disable=g-import-not-at-top
 
 _SIZES = flags.DEFINE_list("sizes", ["128", "768"], "Canvas sizes S.")
@@ -173,7 +174,7 @@ def main(argv):
   data.shapes_world.image_size = _IMAGE_SIZE.value
   data.prefetch_batches = 0  # Measure the work, not a buffer.
   t0 = time.perf_counter()
-  info = pipeline.prepare_data(data)
+  info = preparation.prepare_data(data)
   _log(f"data ready in {time.perf_counter() - t0:.1f} s: {info.root}")
   det_dir = os.path.join(info.root, "images", "det_train")
   blobs = [open(os.path.join(det_dir, f), "rb").read()
@@ -199,8 +200,8 @@ def main(argv):
            "mixed": dict(det=8, grd=4, img=4)}
   for size in [int(s) for s in _SIZES.value]:
     data.spec.image_size = size
-    info = pipeline.DataInfo(**{**info.__dict__,
-                                "spec": pipeline.spec_from_config(data)})
+    info = preparation.DataInfo(**{**info.__dict__,
+                                   "spec": preparation.spec_from_config(data)})
     base = {"one_core": baseline_rate(blobs, size, 1, _SECONDS.value),
             "threads": baseline_rate(blobs, size, _THREADS.value,
                                      _SECONDS.value)}

@@ -128,7 +128,7 @@ from benchmarks import common  # pylint: disable=g-import-not-at-top
 from omnitrain_jax import matching  # pylint: disable=g-import-not-at-top
 from omnitrain_jax import model_setup
 from omnitrain_jax import sharding
-from omnitrain_jax.data import pipeline
+from omnitrain_jax.data import preparation
 from omnitrain_jax.losses import omni_loss as omni_loss_lib
 from omnitrain_jax.models import omnidet
 from omnitrain_jax.models import vit
@@ -224,7 +224,7 @@ def run_case(*, variant: str, image_size: int, batch: int, dtype: str,
       num_candidates=num_candidates, max_boxes=max_boxes, matcher=matcher,
       remat=remat, remat_policy=remat_policy, attention_impl=attention_impl,
       dims=dims)
-  spec = pipeline.spec_from_config(config.data)
+  spec = preparation.spec_from_config(config.data)
   setup = model_setup.create(config, vocab_size=vocab_size, spec=spec)
   rules = setup.rules
   model, tx = setup.model, setup.tx

@@ -30,7 +30,7 @@ import time
 
 import numpy as np
 
-from omnitrain_jax.vocab import builder
+from omnitrain_jax.data import vocab_inputs
 from omnitrain_jax.vocab.tokenizer import Tokenizer
 from omnitrain_jax.vocab.vocabulary import Vocabulary
 
@@ -162,7 +162,8 @@ def run(scale: float = 1.0, repeats: int = 2, seed: int = 0) -> dict:
     det, cap = _write_annotations(tmp, rng, lexicon, num_categories,
                                   num_captions)
     t_build, (vocab, summary) = _best(
-        lambda: builder.build_vocabulary([det, cap], max_size=vocab_size), 1)
+        lambda: vocab_inputs.build_from_files([det, cap], max_size=vocab_size),
+        1)
     results["build"] = {
         "seconds": round(t_build, 3), "captions": num_captions,
         "categories": num_categories, "size": summary["size"],

@@ -89,7 +89,7 @@ from benchmarks import common  # pylint: disable=g-import-not-at-top
 from omnitrain_jax import optim
 from omnitrain_jax import model_setup
 from omnitrain_jax import sharding
-from omnitrain_jax.data import pipeline
+from omnitrain_jax.data import preparation
 from omnitrain_jax.losses import omni_loss as omni_loss_lib
 from omnitrain_jax.models import omnidet
 
@@ -314,7 +314,7 @@ def run_vocab(vocab_size: int, *, args, rules, check: bool) -> dict[str, Any]:
     # Full learning rate from the second step on, so that `sparse_check`'s
     # two steps move the rows measurably (the cost does not depend on it).
     config.optimizer.warmup_steps = 1
-  spec = pipeline.spec_from_config(config.data)
+  spec = preparation.spec_from_config(config.data)
   setup = model_setup.create(config, vocab_size=vocab_size, spec=spec)
   model = setup.model
   batch = jax.device_put(

@@ -19,7 +19,7 @@ Expected layout under ``data.root`` (override any path with
   mdetr/final_refcocog_{train,val}.json             (images: coco/train2014/)
   mdetr/final_flickr_separateGT_{train,val}.json    flickr30k/images/*.jpg
   captions/cc12m.jsonl                              ({"image": ..., "caption": ...})
-  vocab.txt   built once with `python -m omnitrain_jax.vocab.build --out
+  vocab.txt   built once with `python -m omnitrain_jax.data.build_vocab --out
               vocab.txt --max_size 250000 <the train files above>`
 
 Where the values come from (none tuned here: no COCO-scale compute):

@@ -225,7 +225,7 @@ def main(argv):
     plot(per_mix, os.path.join(out, "ablation.png"))
     return
   import runpy  # pylint: disable=g-import-not-at-top
-  from omnitrain_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from omnitrain_jax.data import preparation  # pylint: disable=g-import-not-at-top
   from omnitrain_jax.data import shapes_world  # pylint: disable=g-import-not-at-top
   out = os.path.abspath(f.out)
   os.makedirs(out, exist_ok=True)
@@ -240,7 +240,7 @@ def main(argv):
   # (a det-only run would otherwise build one without `star`, and could not
   # even be asked about it): novel tokens then exist in every model, and a
   # run that never trained them shows their chance level.
-  info = pipeline.prepare_data(base.data)
+  info = preparation.prepare_data(base.data)
   vocab_flag = [f"--config.data.vocab.path={info.vocab_path}"]
   paths = shapes_world.output_paths(info.root)
   splits = info.splits

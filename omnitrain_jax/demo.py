@@ -105,8 +105,8 @@ def main(argv):
   rows = table(metrics)
 
   # Novel queries on a validation image.
-  from omnitrain_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  info = pipeline.prepare_data(config.data)
+  from omnitrain_jax.data import preparation  # pylint: disable=g-import-not-at-top
+  info = preparation.prepare_data(config.data)
   paths = shapes_world.output_paths(info.root)
   file_name, names = pick_novel_image(paths["det_val"], info.splits)
   image_path = os.path.join(paths["image_root"], file_name)

@@ -67,7 +67,7 @@ from omnitrain_jax import checkpointing
 from omnitrain_jax import config_lib
 from omnitrain_jax import model_setup
 from omnitrain_jax import runtime
-from omnitrain_jax.data import pipeline
+from omnitrain_jax.data import preparation
 from omnitrain_jax.evaluation import coco_metrics
 from omnitrain_jax.evaluation import datasets as datasets_lib
 from omnitrain_jax.evaluation import evaluator as evaluator_lib
@@ -129,7 +129,7 @@ def main(argv: Sequence[str]) -> None:
       config, datasets=f.datasets, max_detections=f.max_detections,
       nms_iou=f.nms_iou, coco_backend=f.coco_backend, batch_size=f.batch_size,
       max_batches=f.max_batches)
-  info = pipeline.prepare_data(config.data)
+  info = preparation.prepare_data(config.data)
   setup = model_setup.create(config, vocab_size=len(info.vocab),
                              spec=info.spec)
   datasets = None

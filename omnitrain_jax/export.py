@@ -49,7 +49,7 @@ import numpy as np
 from omnitrain_jax import checkpointing
 from omnitrain_jax import config_lib
 from omnitrain_jax import model_setup
-from omnitrain_jax.data import pipeline
+from omnitrain_jax.data import preparation
 from omnitrain_jax.evaluation import inference
 from omnitrain_jax.evaluation import predictor as predictor_lib
 from omnitrain_jax.losses import box_ops
@@ -175,7 +175,7 @@ def export_run(workdir: str, out: str, *, step: int | None = None,
   vocabulary = vocabulary_lib.Vocabulary.load(vocab_path)
   # The sequence of `Predictor.from_workdir`: no dataset is opened.
   setup = model_setup.create(config, vocab_size=len(vocabulary),
-                             spec=pipeline.spec_from_config(config.data))
+                             spec=preparation.spec_from_config(config.data))
   params, step = checkpointing.restore_params(workdir, setup.abstract_state,
                                               step)
   params = jax.device_get(params)

@@ -91,7 +91,7 @@ def create(config: ml_collections.ConfigDict, *, vocab_size: int,
     config: the full config (``model``, ``optimizer``, ``loss``, ``mesh``,
       ``logical_rules``, ``batch_size``, ``total_steps``).
     vocab_size: rows of the token table (the vocabulary's size).
-    spec: the batch spec (`data.pipeline.spec_from_config(config.data)`).
+    spec: the batch spec (`data.preparation.spec_from_config(config.data)`).
     devices: the devices of the mesh (default: all).
 
   Returns:

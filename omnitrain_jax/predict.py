@@ -13,7 +13,7 @@ Model and vocabulary. The params of the latest finished checkpoint (or
 ``--checkpoint_step``) are restored onto the config's mesh; the config is
 ``--config`` or else the run's own ``WORKDIR/config.json``. The vocabulary
 is, in order: ``--vocab``, ``WORKDIR/vocab.txt``, ``config.data.vocab.path``,
-and else the one `pipeline.prepare_data` builds from the config's training
+and else the one `preparation.prepare_data` builds from the config's training
 annotations (cached; this needs the training data or its cache).
 
 Images. Any size and format that `data/images.py` decodes (JPEG with EXIF

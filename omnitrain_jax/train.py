@@ -43,6 +43,8 @@ from omnitrain_jax import model_setup
 from omnitrain_jax import progress
 from omnitrain_jax import sharding
 from omnitrain_jax.data import pipeline
+from omnitrain_jax.data import preparation
+from omnitrain_jax.data import stats as stats_lib
 from omnitrain_jax.evaluation import evaluator as evaluator_lib
 from omnitrain_jax.models import pretrained
 
@@ -113,8 +115,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   lead = jax.process_index() == 0
   check_config(config)
   # ---------------------------------------------------------------- data
-  info = pipeline.prepare_data(config.data)
-  stats = pipeline.PipelineStats()
+  info = preparation.prepare_data(config.data)
+  stats = stats_lib.PipelineStats()
   train_iter = iter(pipeline.make_train_dataset(config.data, info, stats=stats))
   # ------------------------------------- mesh, model, state, jitted step
   setup = model_setup.create(config, vocab_size=len(info.vocab),

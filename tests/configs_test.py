@@ -6,7 +6,7 @@ import runpy
 import pytest
 
 from omnitrain_jax import train
-from omnitrain_jax.data import pipeline
+from omnitrain_jax.data import preparation
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 VARIANTS = [("shapes_demo.py", None), ("shapes_demo.py", "tiny"),
@@ -35,7 +35,7 @@ def test_b16_on_a_fresh_machine_names_the_missing_data(tmp_path):
   config = runpy.run_path(str(CONFIGS / "omnidet_b16.py"))["get_config"](None)
   config.data.root = str(tmp_path)
   with pytest.raises(FileNotFoundError) as info:
-    pipeline.prepare_data(config.data)
+    preparation.prepare_data(config.data)
   message = str(info.value)
   assert "instances_train2017.json" in message
   assert "Prepare it" in message

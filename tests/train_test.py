@@ -73,6 +73,7 @@ LAYOUTS_SCRIPT = textwrap.dedent("""
     flags.FLAGS.mark_as_parsed()
     from omnitrain_jax import model_setup, sharding
     from omnitrain_jax.data import pipeline
+    from omnitrain_jax.data import preparation
 
     def load(**overrides):
       path, variant = sys.argv[1].split(":")
@@ -90,7 +91,7 @@ LAYOUTS_SCRIPT = textwrap.dedent("""
     out = {}
     for name, (overrides, devices) in layouts.items():
       cfg = load(**overrides)
-      info = pipeline.prepare_data(cfg.data)
+      info = preparation.prepare_data(cfg.data)
       setup = model_setup.create(cfg, vocab_size=len(info.vocab),
                                  spec=info.spec, devices=devices)
       it = iter(pipeline.make_train_dataset(cfg.data, info))

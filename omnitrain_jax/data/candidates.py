@@ -59,7 +59,7 @@ import numpy as np
 from omnitrain_jax.data import schema
 
 _DET = schema.STREAM_IDS["det"]
-# Batch key of the pipeline's side channel for counts (see pipeline.Settle).
+# Batch key of the pipeline's side channel for counts (see stats.py).
 REPORT = "_report"
 
 

@@ -85,7 +85,7 @@ def _read_bytes(record: Mapping[str, Any]) -> bytes:
   except FileNotFoundError:
     raise DataError(
         file, rec, "missing image file: it does not exist",
-        "check that the reader's image_dir/image_root points at the image "
+        "check that the reader's image_dir points at the image "
         "folder and that the file was downloaded/extracted completely, or set "
         "strict=False to skip such records") from None
   except OSError as e:

@@ -29,7 +29,9 @@ from PIL import Image
 from PIL import ImageDraw
 
 from omnitrain_jax.data import pipeline
+from omnitrain_jax.data import preparation
 from omnitrain_jax.data import schema
+from omnitrain_jax.data import stats as stats_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.",
                                           lock_config=True)
@@ -105,8 +107,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   data = _CONFIG.value.data
-  info = pipeline.prepare_data(data)
-  stats = pipeline.PipelineStats()
+  info = preparation.prepare_data(data)
+  stats = stats_lib.PipelineStats()
   if _SPLIT.value == "train":
     ds = pipeline.make_train_dataset(data, info, process_index=0,
                                      process_count=1, stats=stats)

@@ -1,6 +1,5 @@
 """Tests of the grain pipeline on the tiny ShapesWorld config."""
 
-import concurrent.futures
 import importlib.util
 import json
 import os
@@ -11,7 +10,10 @@ import pytest
 
 from omnitrain_jax.data import errors
 from omnitrain_jax.data import pipeline
+from omnitrain_jax.data import preparation
 from omnitrain_jax.data import schema
+from omnitrain_jax.data import sources
+from omnitrain_jax.data import stats as stats_lib
 
 _CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs",
                        "shapes_demo.py")
@@ -30,43 +32,12 @@ def tiny_config(cache_dir):
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
   data = tiny_config(tmp_path_factory.mktemp("cache"))
-  return data, pipeline.prepare_data(data)
+  return data, preparation.prepare_data(data)
 
 
 def take(ds_or_it, n):
   it = iter(ds_or_it)
   return [next(it) for _ in range(n)]
-
-
-def test_prepare_data_caches_and_builds_vocab(prepared):
-  data, info = prepared
-  assert os.path.exists(os.path.join(info.root, "shapes_world.json"))
-  assert info.vocab.id("left") > 1 and info.vocab.id("circle") > 1
-  assert info.splits["img_novel_tokens"] == ["hexagon", "pink"]
-  # A second call reuses the data and the vocabulary.
-  stamp = os.stat(os.path.join(info.root, "det_train.json")).st_mtime_ns
-  again = pipeline.prepare_data(data)
-  assert again.root == info.root and again.vocab_path == info.vocab_path
-  assert os.stat(os.path.join(info.root,
-                              "det_train.json")).st_mtime_ns == stamp
-  # Another generator parameter -> another dataset folder.
-  data.shapes_world.seed = 1
-  other = pipeline.ensure_shapes_world(pipeline._shapes_params(data),
-                                       data.cache_dir)
-  data.shapes_world.seed = 0
-  assert other != info.root
-
-
-def test_concurrent_generation_is_safe(tmp_path):
-  params = dict(num_images=6, num_val_images=2, image_size=32, seed=3)
-  with concurrent.futures.ThreadPoolExecutor(2) as pool:
-    roots = list(pool.map(
-        lambda _: pipeline.ensure_shapes_world(params, str(tmp_path)),
-        range(2)))
-  assert roots[0] == roots[1]
-  assert os.path.exists(os.path.join(roots[0], "shapes_world.json"))
-  # The loser's temporary folder is gone; only the dataset remains.
-  assert os.listdir(tmp_path) == [os.path.basename(roots[0])]
 
 
 def test_every_batch_has_exact_composition_and_shapes(prepared):
@@ -132,7 +103,7 @@ def test_worker_processes_cover_an_epoch_and_restore(prepared):
   # det only: spawning workers costs seconds on 2 cores.
   data.batch.grd = data.batch.img = 0
   data.num_workers = 2
-  stats = pipeline.PipelineStats()
+  stats = stats_lib.PipelineStats()
   try:
     ds = pipeline.make_train_dataset(data, info, process_index=0,
                                      process_count=1, stats=stats)
@@ -167,9 +138,9 @@ def test_several_sources_mix_by_weight(prepared):
                                  image_dir="images", weight=1.0)
   data.sources.det.shapes_det.weight = 3.0
   try:
-    info2 = pipeline.DataInfo(**{**info.__dict__,
-                                 "sources": pipeline._source_specs(
-                                     data, info.root)})
+    info2 = preparation.DataInfo(**{**info.__dict__,
+                                    "sources": sources.source_specs(
+                                        data, info.root)})
     batches = take(pipeline.make_train_dataset(
         data, info2, process_index=0, process_count=1), 10)
   finally:
@@ -203,8 +174,8 @@ def test_lenient_skips_are_counted_and_reported(prepared, tmp_path):
   data = tiny_config(data.cache_dir)
   _files_config(data, root)
   data.strict = False
-  info = pipeline.prepare_data(data)
-  stats = pipeline.PipelineStats()
+  info = preparation.prepare_data(data)
+  stats = stats_lib.PipelineStats()
   ds = pipeline.make_train_dataset(data, info, process_index=0,
                                    process_count=1, stats=stats)
   # 39 good det records: batch 10 completes the first epoch's good ones; the
@@ -226,22 +197,12 @@ def test_strict_mode_names_the_missing_file(prepared, tmp_path):
   root, victim = _broken_copy(info, tmp_path)
   data = tiny_config(data.cache_dir)
   _files_config(data, root)
-  info = pipeline.prepare_data(data)
+  info = preparation.prepare_data(data)
   ds = pipeline.make_train_dataset(data, info, process_index=0,
                                    process_count=1)
   with pytest.raises(errors.DataError,
                      match=os.path.basename(victim["file_name"])):
     take(ds, 11)
-
-
-def test_missing_annotation_file_error_says_how_to_prepare(prepared,
-                                                            tmp_path):
-  data, _ = prepared
-  data = tiny_config(data.cache_dir)
-  _files_config(data, str(tmp_path))
-  with pytest.raises(FileNotFoundError,
-                     match=r"det_train.json does not exist. Prepare it"):
-    pipeline.prepare_data(data)
 
 
 def test_eval_is_ordered_sharded_and_padded(prepared):

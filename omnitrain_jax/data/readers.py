@@ -24,6 +24,10 @@ so the pipeline can tokenize the caption once and take the tokens inside the
 spans. RefCOCO sentences get the span of the whole sentence; det boxes get an
 empty list (their text is ``box_texts``, not part of a caption).
 
+Files are opened and decoded by `formats.py` (JSON, refs pickles, text lines),
+the same parsers the vocabulary's inputs and the format sniffer use; this
+module turns the parsed documents into records.
+
 Annotation files are parsed once at construction into compact per-image numpy
 structures (CSR layout: one [num_boxes, 4] array plus per-image offsets, strings
 packed in one UTF-8 buffer), and record dicts are built lazily in
@@ -54,14 +58,11 @@ from __future__ import annotations
 
 import collections.abc
 import csv
-import functools
-import gc
 import itertools
 import json
 import math
 import operator
 import os
-import pickle
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -69,6 +70,7 @@ from absl import logging
 import numpy as np
 
 from omnitrain_jax.data import errors
+from omnitrain_jax.data import formats
 from omnitrain_jax.data.errors import DataError, SkipCounter
 
 BOX_TOLERANCE_PX = 1.0
@@ -160,25 +162,6 @@ class StringTable(collections.abc.Sequence):
     return self._data[s:e].decode("utf-8", "surrogatepass")
 
 
-def _gc_paused(fn):
-  """Runs `fn` with the cyclic garbage collector paused.
-
-  Parsing creates millions of small acyclic objects; the collector's repeated
-  passes over them cost about a quarter of the parse time (measured on a 74 MB
-  LVIS-like file: json.load 3.6 s -> 2.7 s).
-  """
-  @functools.wraps(fn)
-  def wrapped(*args, **kwargs):
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-      return fn(*args, **kwargs)
-    finally:
-      if enabled:
-        gc.enable()
-  return wrapped
-
-
 class _Problems:
   """Reports bad input: raises when strict, counts a skip otherwise."""
 
@@ -213,50 +196,6 @@ def _is_text(x) -> bool:
 def _short(x, limit: int = 80) -> str:
   s = repr(x)
   return s if len(s) <= limit else s[:limit - 3] + "..."
-
-
-@_gc_paused
-def load_json(path: str | os.PathLike) -> Any:
-  """Parses a JSON file; errors name the file, line and column.
-
-  Args:
-    path: the JSON file.
-
-  Returns:
-    The parsed object.
-
-  Raises:
-    DataError: the file is missing or is not valid JSON.
-  """
-  path = os.fspath(path)
-  try:
-    with open(path, "rb") as f:
-      return json.load(f)
-  except FileNotFoundError:
-    raise DataError(path, "file", "missing annotation file: it does not exist",
-                    "check the path in the config") from None
-  except json.JSONDecodeError as e:
-    raise DataError(
-        path, f"line {e.lineno} column {e.colno}", f"not valid JSON: {e.msg}",
-        "the file is truncated or not JSON; re-download or regenerate "
-        "it") from None
-  except UnicodeDecodeError as e:
-    raise DataError(path, f"byte {e.start}", "not valid JSON: not UTF-8 text",
-                    "re-download or regenerate the file") from None
-
-
-def _top_level(data: Any, path: str, keys: Sequence[str], what: str) -> None:
-  """File-level structure check (always raises: nothing to skip to)."""
-  if not isinstance(data, dict):
-    raise DataError(path, "top level", f"not {what}: expected a JSON object, "
-                    f"got {type(data).__name__}", f"pass {what}")
-  for key in keys:
-    if key not in data:
-      raise DataError(path, "top level", f"missing required key: {key!r}",
-                      f"pass {what} (keys {list(keys)})")
-    if not isinstance(data[key], list):
-      raise DataError(path, "top level", f"malformed {key!r}: expected a list,"
-                      f" got {type(data[key]).__name__}", f"pass {what}")
 
 
 def check_boxes(xyxy: np.ndarray, width: np.ndarray, height: np.ndarray
@@ -558,7 +497,7 @@ def _parse_categories(cats: list, problems: _Problems, lvis: bool
   return names, freq
 
 
-@_gc_paused
+@formats.gc_paused
 def _checked_boxes(bboxes, rows, ann_ids, images, problems):
   """Validates JSON ``[x, y, w, h]`` boxes; reports each bad one.
 
@@ -585,9 +524,10 @@ def _parse_instances(path: str, image_dir, *, name: str, strict: bool,
   """Shared COCO/LVIS parser."""
   counter = _counter(counter)
   problems = _Problems(path, name, strict, counter)
-  data = load_json(path)
+  data = formats.load_json(path)
   what = "an LVIS instances file" if lvis else "a COCO instances file"
-  _top_level(data, path, ("images", "annotations", "categories"), what)
+  formats.check_top_level(data, path, ("images", "annotations", "categories"),
+                          what)
   categories, frequency = _parse_categories(data["categories"], problems, lvis)
 
   neg_rows, nex_rows = [], []
@@ -816,7 +756,7 @@ def _spans_ok(spans, n: int) -> bool:
               for sp in spans))
 
 
-@_gc_paused
+@formats.gc_paused
 def load_mdetr_grounding(json_path: str | os.PathLike,
                          image_dir: str | os.PathLike, *, name: str = "mdetr",
                          strict: bool = True,
@@ -846,8 +786,9 @@ def load_mdetr_grounding(json_path: str | os.PathLike,
   path = os.fspath(json_path)
   counter = _counter(counter)
   problems = _Problems(path, name, strict, counter)
-  data = load_json(path)
-  _top_level(data, path, ("images", "annotations"), "an MDETR grounding file")
+  data = formats.load_json(path)
+  formats.check_top_level(data, path, ("images", "annotations"),
+                          "an MDETR grounding file")
   captions = []
 
   def caption_of(index: int, im: dict, rec: str) -> bool:
@@ -947,36 +888,7 @@ def _grounding_source(*, name, image_dir, images, order, captions, offsets,
       skipped=skipped, num_skipped=num_skipped)
 
 
-class RefsUnpickler(pickle.Unpickler):
-  """Loads only plain data: a refs file needs no classes, and refusing them
-  keeps a downloaded pickle from running code."""
-
-  def find_class(self, module, name):
-    raise pickle.UnpicklingError(
-        f"refusing to load {module}.{name}: a refs file holds only lists, "
-        "dicts, strings and numbers")
-
-
-def _load_refs(path: str) -> Any:
-  for encoding in ("utf-8", "latin1"):  # Python 2 pickles hold byte strings.
-    try:
-      with open(path, "rb") as f:
-        return RefsUnpickler(f, encoding=encoding).load()
-    except FileNotFoundError:
-      raise DataError(path, "file", "missing refs file: it does not exist",
-                      "check the path in the config") from None
-    except UnicodeDecodeError:
-      continue
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError,
-            IndexError, AttributeError, ImportError) as e:
-      raise DataError(path, "file", f"not a valid refs pickle: {e}",
-                      "pass the refs(umd).p file of the refer release "
-                      "(re-download it if truncated)") from None
-  raise DataError(path, "file", "not a valid refs pickle: undecodable text",
-                  "pass the refs(umd).p file of the refer release")
-
-
-@_gc_paused
+@formats.gc_paused
 def load_refcoco(refs_path: str | os.PathLike,
                  instances_path: str | os.PathLike,
                  image_dir: str | os.PathLike, *, split: str,
@@ -1009,20 +921,16 @@ def load_refcoco(refs_path: str | os.PathLike,
   refs_path, instances_path = os.fspath(refs_path), os.fspath(instances_path)
   counter = _counter(counter)
   instance_problems = _Problems(instances_path, name, strict, counter)
-  data = load_json(instances_path)
-  _top_level(data, instances_path, ("images", "annotations"),
-             "the refer release's instances.json")
+  data = formats.load_json(instances_path)
+  formats.check_top_level(data, instances_path, ("images", "annotations"),
+                          "the refer release's instances.json")
   images = _Images(data["images"], instance_problems, _file_name,
                    "give the image a 'file_name'")
   anns = {}
   for a in data["annotations"]:
     if isinstance(a, dict) and _is_int(a.get("id")):
       anns[int(a["id"])] = a  # Checked when a ref uses it.
-  refs = _load_refs(refs_path)
-  if not isinstance(refs, list):
-    raise DataError(refs_path, "top level", "not a refs file: expected a list "
-                    f"of refs, got {type(refs).__name__}",
-                    "pass the refs(umd).p file of the refer release")
+  refs = formats.load_refs(refs_path)
   splits = sorted({r.get("split") for r in refs if isinstance(r, dict)},
                   key=str)
   if split not in splits:
@@ -1105,12 +1013,12 @@ def load_refcoco(refs_path: str | os.PathLike,
 class CaptionSource(RecordSource):
   """Image-caption records (stream ``img``, no boxes)."""
 
-  def __init__(self, *, name, image_root, paths: StringTable,
+  def __init__(self, *, name, image_dir, paths: StringTable,
                captions: StringTable, image_ids, widths, heights, skipped,
                num_skipped):
     super().__init__(name=name, stream="img", skipped=skipped,
                      num_skipped=num_skipped)
-    self._image_root = image_root
+    self._image_dir = image_dir
     self._paths = paths
     self._captions = captions
     self._image_ids = image_ids  # int64 [R]
@@ -1125,7 +1033,7 @@ class CaptionSource(RecordSource):
         "stream": "img",
         "source": self.name,
         "image_id": int(self._image_ids[index]),
-        "image_path": os.path.join(self._image_root, self._paths[index]),
+        "image_path": os.path.join(self._image_dir, self._paths[index]),
         "image_bytes": None,
         "width": int(self._widths[index]),
         "height": int(self._heights[index]),
@@ -1136,7 +1044,7 @@ class CaptionSource(RecordSource):
     }
 
 
-@_gc_paused
+@formats.gc_paused
 def load_coco_captions(json_path: str | os.PathLike,
                        image_dir: str | os.PathLike, *,
                        name: str = "coco_captions", strict: bool = True,
@@ -1157,8 +1065,9 @@ def load_coco_captions(json_path: str | os.PathLike,
   path = os.fspath(json_path)
   counter = _counter(counter)
   problems = _Problems(path, name, strict, counter)
-  data = load_json(path)
-  _top_level(data, path, ("images", "annotations"), "a COCO captions file")
+  data = formats.load_json(path)
+  formats.check_top_level(data, path, ("images", "annotations"),
+                          "a COCO captions file")
   images = _Images(data["images"], problems, _file_name,
                    "give the image a 'file_name'")
   idx, captions = [], []
@@ -1184,7 +1093,7 @@ def load_coco_captions(json_path: str | os.PathLike,
     captions.append(a["caption"].strip())
   idx = np.asarray(idx, np.int64)
   source = CaptionSource(
-      name=name, image_root=_image_dir(image_dir),
+      name=name, image_dir=_image_dir(image_dir),
       paths=StringTable(images.paths[j] for j in idx),
       captions=StringTable(captions), image_ids=images.ids[idx],
       widths=images.widths[idx], heights=images.heights[idx],
@@ -1215,12 +1124,13 @@ def _caption_row(fields: Mapping[str, Any], image_key: str, caption_key: str,
 
 
 def _caption_table(path: str, rows: list, ids: list, sizes: list, *, name,
-                   image_root, counter, problems) -> CaptionSource:
-  root = os.path.dirname(os.path.abspath(path)) if image_root is None else (
-      _image_dir(image_root))
+                   image_dir, counter, problems) -> CaptionSource:
+  # No folder (None or ""): paths are relative to the annotation file.
+  root = _image_dir(image_dir) if image_dir else os.path.dirname(
+      os.path.abspath(path))
   sizes = np.asarray(sizes, np.int32).reshape(-1, 2)
   source = CaptionSource(
-      name=name, image_root=root, paths=StringTable(r[0] for r in rows),
+      name=name, image_dir=root, paths=StringTable(r[0] for r in rows),
       captions=StringTable(r[1] for r in rows),
       image_ids=np.asarray(ids, np.int64), widths=sizes[:, 0],
       heights=sizes[:, 1], skipped=counter, num_skipped=problems.count)
@@ -1235,15 +1145,15 @@ def _size_of(fields: Mapping[str, Any]) -> tuple[int, int]:
   return 0, 0  # Unknown: taken from the decoded image.
 
 
-@_gc_paused
+@formats.gc_paused
 def load_caption_jsonl(jsonl_path: str | os.PathLike, *,
-                       image_root: str | os.PathLike | None = None,
+                       image_dir: str | os.PathLike | None = None,
                        name: str = "captions", image_key: str = "image",
                        caption_key: str = "caption", strict: bool = True,
                        counter: SkipCounter | None = None) -> CaptionSource:
   """JSON lines ``{"image": path, "caption": text}``, one record per line.
 
-  Relative image paths are relative to `image_root`, else to the JSONL file's
+  Relative image paths are relative to `image_dir`, else to the JSONL file's
   folder. ``image_id`` is the line's integer ``image_id`` if it has one, else
   its 1-based line number. ``width``/``height`` are taken from the line when
   present, else 0 (unknown; `images.decode_record` fills them in). Blank lines
@@ -1251,7 +1161,8 @@ def load_caption_jsonl(jsonl_path: str | os.PathLike, *,
 
   Args:
     jsonl_path: the JSONL file.
-    image_root: folder relative paths are resolved against.
+    image_dir: folder relative paths are resolved against (None or "": the
+      file's folder).
     name: source name.
     image_key: the key holding the image path.
     caption_key: the key holding the caption.
@@ -1271,14 +1182,11 @@ def load_caption_jsonl(jsonl_path: str | os.PathLike, *,
     raise DataError(path, "file", "missing caption file: it does not exist",
                     "check the path in the config") from None
   with f:
-    for line_no, line in enumerate(_lines(f, path), start=1):
-      if not line.strip():
-        continue
+    for line_no, fields in formats.jsonl_values(formats.text_lines(f, path)):
       rec = f"line {line_no}"
-      try:
-        fields = json.loads(line)
-      except json.JSONDecodeError as e:
-        problems(f"line {line_no} column {e.colno}", f"not valid JSON: {e.msg}",
+      if isinstance(fields, json.JSONDecodeError):
+        problems(f"line {line_no} column {fields.colno}",
+                 f"not valid JSON: {fields.msg}",
                  f"fix the line, {_LENIENT_FIX}")
         continue
       if not isinstance(fields, dict):
@@ -1293,35 +1201,27 @@ def load_caption_jsonl(jsonl_path: str | os.PathLike, *,
       ids.append(int(iid) if _is_int(iid) else line_no)
       sizes.append(_size_of(fields))
   return _caption_table(path, rows, ids, sizes, name=name,
-                        image_root=image_root, counter=counter,
+                        image_dir=image_dir, counter=counter,
                         problems=problems)
 
 
-def _lines(f, path: str):
-  """Lines of a text file; a decoding error names the file."""
-  try:
-    yield from f
-  except UnicodeDecodeError as e:
-    raise DataError(path, f"byte {e.start}", "not UTF-8 text",
-                    "re-encode the file as UTF-8") from None
-
-
-@_gc_paused
+@formats.gc_paused
 def load_caption_csv(csv_path: str | os.PathLike, *,
-                     image_root: str | os.PathLike | None = None,
+                     image_dir: str | os.PathLike | None = None,
                      name: str = "captions", image_column: str = "path",
                      caption_column: str = "caption", strict: bool = True,
                      counter: SkipCounter | None = None) -> CaptionSource:
   """A CSV with a header row (``path,caption``), one record per data row.
 
-  Relative paths are resolved against `image_root`, else the CSV's folder.
+  Relative paths are resolved against `image_dir`, else the CSV's folder.
   ``image_id`` is the row's line number (1-based, the header is line 1);
   ``width``/``height`` come from ``width``/``height`` columns when present,
   else 0 (unknown).
 
   Args:
     csv_path: the CSV file (UTF-8, standard quoting).
-    image_root: folder relative paths are resolved against.
+    image_dir: folder relative paths are resolved against (None or "": the
+      file's folder).
     name: source name.
     image_column: header name of the image path column.
     caption_column: header name of the caption column.
@@ -1341,7 +1241,7 @@ def load_caption_csv(csv_path: str | os.PathLike, *,
     raise DataError(path, "file", "missing caption file: it does not exist",
                     "check the path in the config") from None
   with f:
-    reader = csv.DictReader(_lines(f, path))
+    reader = csv.DictReader(formats.text_lines(f, path))
     try:
       header = reader.fieldnames or []
       for key in (image_column, caption_column):
@@ -1374,7 +1274,7 @@ def load_caption_csv(csv_path: str | os.PathLike, *,
       raise DataError(path, f"line {reader.line_num}", f"not valid CSV: {e}",
                       "fix the file's quoting") from None
   return _caption_table(path, rows, ids, sizes, name=name,
-                        image_root=image_root, counter=counter,
+                        image_dir=image_dir, counter=counter,
                         problems=problems)
 
 

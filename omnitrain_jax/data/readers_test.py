@@ -606,7 +606,7 @@ def test_caption_jsonl_every_field(tmp_path):
   rec = src[1]
   assert rec["image_path"] == "/abs/b.jpg" and rec["image_id"] == 9
   assert (rec["width"], rec["height"]) == (64, 48)
-  rooted = readers.load_caption_jsonl(path, image_root=tmp_path / "root")
+  rooted = readers.load_caption_jsonl(path, image_dir=tmp_path / "root")
   assert rooted[0]["image_path"] == str(tmp_path / "root" / "imgs" / "a.jpg")
 
 

@@ -92,12 +92,15 @@ import dataclasses
 
 import numpy as np
 
+from omnitrain_jax.vocab import vocabulary
+
 STREAMS = ("det", "grd", "img")
 STREAM_IDS = {name: i for i, name in enumerate(STREAMS)}
 
-# Reserved vocabulary ids (see omnitrain_jax/vocab).
-PAD_ID = 0
-UNK_ID = 1
+# Reserved vocabulary ids: the vocabulary owns them; the examples' token
+# arrays are padded with PAD_ID.
+PAD_ID = vocabulary.PAD_ID
+UNK_ID = vocabulary.UNK_ID
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,6 +6,13 @@ tensorflow-datasets 4.9.10). ``coco`` and ``coco_captions`` are legacy builders
 whose construction imports TensorFlow: `load_tfds` refuses them with a pointer
 to the JSON readers, which read the same annotation files.
 
+In a config, the reader table (`sources.READERS`) names them ``tfds_lvis``
+and ``tfds_ref_coco``: ``train``/``val`` are TFDS split names, ``data_dir``
+the TFDS data folder and ``dataset`` an optional other TFDS name::
+
+  data.sources.det.lvis = dict(reader="tfds_lvis", data_dir="tfds",
+                               train="train", val="validation")
+
 Records follow `schema.py` (plus ``box_spans``, see `readers.py`): the image
 stays encoded in ``image_bytes`` (``image_path`` is None) and is decoded by
 `images.load_image`; TFDS boxes, normalized ``[ymin, xmin, ymax, xmax]``, are

@@ -21,9 +21,14 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core.features import feature as feature_lib
 
 from omnitrain_jax.data import images
+from omnitrain_jax.data import pipeline
+from omnitrain_jax.data import pipeline_test
+from omnitrain_jax.data import preparation
 from omnitrain_jax.data import readers_test
+from omnitrain_jax.data import schema
 from omnitrain_jax.data import tfds_readers
 from omnitrain_jax.data.errors import DataError, SkipCounter
+from omnitrain_jax.vocab.vocabulary import Vocabulary
 
 BBox = tfds.features.BBox
 
@@ -206,3 +211,45 @@ def test_ref_coco_empty_expression_both_modes(tmp_path):
                                         strict=False)
   assert len(src) == 3 and src.num_skipped == 1
   assert src[1]["caption"] == "the man on the right"
+
+
+def test_config_sources_train_and_evaluate_on_tfds(lvis_dir, refcoco_dir,
+                                                   tmp_path):
+  """The reader table's TFDS entries, from a config's data.sources."""
+  data = pipeline_test.tiny_config(tmp_path / "cache")
+  vocab_path = str(tmp_path / "vocab.txt")
+  Vocabulary(["aerosol can", "alcohol", "car", "man", "dog", "red",
+              "left", "right"]).save(vocab_path)
+  data.dataset, data.root, data.vocab.path = "files", str(tmp_path), vocab_path
+  data.sources = {
+      "det": {"lvis": dict(reader="tfds_lvis", data_dir=str(lvis_dir),
+                           train="train", val="train")},
+      "grd": {"refcocog": dict(reader="tfds_ref_coco",
+                               data_dir=str(refcoco_dir),
+                               dataset="ref_coco/refcocog_umd",
+                               train="train", val="train")},
+  }
+  data.batch = {"det": 2, "grd": 2, "img": 0}
+  info = preparation.prepare_data(data)
+  assert info.sources["det"]["lvis"].train == "train"
+  assert info.sources["grd"]["refcocog"].data_dir == str(refcoco_dir)
+  it = iter(pipeline.make_train_dataset(data, info, process_index=0,
+                                        process_count=1))
+  want = schema.batch_shapes(info.spec, 4)
+  for _ in range(3):
+    batch = next(it)
+    assert {k: (v.shape, v.dtype) for k, v in batch.items()} == want
+    assert batch["stream"].tolist() == [0, 0, 1, 1]
+    assert set(batch["image_id"][:2].tolist()) == {11, 12}
+    assert set(batch["image_id"][2:].tolist()) <= {7, 8}
+  tokens = info.vocab.ids(["aerosol can", "alcohol"])
+  det = list(pipeline.make_eval_dataset(data, info, stream="det",
+                                        batch_size=4, process_index=0,
+                                        process_count=1))
+  assert len(det) == 1 and det[0]["image_id"].tolist() == [11, 12, -1, -1]
+  np.testing.assert_array_equal(det[0]["box_tokens"][0, :2, 0], tokens)
+  grd = list(pipeline.make_eval_dataset(data, info, stream="grd",
+                                        batch_size=4, process_index=0,
+                                        process_count=1))
+  assert [b["image_id"].tolist() for b in grd] == [[7, 7, 7, 8]]
+  assert "tensorflow" not in sys.modules

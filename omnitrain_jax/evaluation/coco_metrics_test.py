@@ -155,3 +155,129 @@ def test_lvis_federated_protocol():
 def test_writes_nothing_to_stdout(capsys):
   coco_metrics.evaluate_boxes(_gt(), _perfect(_gt()), backend="pycocotools")
   assert capsys.readouterr().out == ""
+
+
+def _lvis_cap_case():
+  """Two categories, two images; image 1 holds 301 detections.
+
+  Category 1 ("a", rare): one box in image 1. Category 2 ("b", frequent):
+  one box in image 1 and one in image 2, where "a" is verified absent.
+  Results: image 1 has b's true positive (0.99), 299 b false positives
+  (0.9 down to 0.87) and a's true positive last (0.1, rank 301); image 2
+  has b's true positive (0.95).
+  """
+  images = [{"id": 1, "width": 1000, "height": 1000,
+             "neg_category_ids": [], "not_exhaustive_category_ids": []},
+            {"id": 2, "width": 1000, "height": 1000,
+             "neg_category_ids": [1], "not_exhaustive_category_ids": []}]
+  boxes = [(1, 1, [0, 0, 100, 100]), (1, 2, [200, 200, 100, 100]),
+           (2, 2, [0, 0, 50, 50])]
+  anns = [{"id": i + 1, "image_id": im, "category_id": c, "bbox": b,
+           "area": b[2] * b[3], "iscrowd": 0}
+          for i, (im, c, b) in enumerate(boxes)]
+  cats = [{"id": 1, "name": "a", "frequency": "r"},
+          {"id": 2, "name": "b", "frequency": "f"}]
+  gt = {"images": images, "annotations": anns, "categories": cats}
+  results = [{"image_id": 1, "category_id": 2, "bbox": [200, 200, 100, 100],
+              "score": 0.99}]
+  results += [{"image_id": 1, "category_id": 2,
+               "bbox": [400 + (i % 20) * 30, 400 + (i // 20) * 30, 20, 20],
+               "score": 0.9 - 1e-4 * i} for i in range(299)]
+  results += [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 100, 100],
+               "score": 0.1},
+              {"image_id": 2, "category_id": 2, "bbox": [0, 0, 50, 50],
+               "score": 0.95}]
+  return gt, results
+
+
+def test_fixed_ap_keeps_what_the_per_image_cap_drops():
+  gt, results = _lvis_cap_case()
+  # Standard LVIS: image 1 keeps its 300 best, all "b": a's true positive
+  # (rank 301) is dropped, so AP_a = 0 (one box, nothing found). "b" finds
+  # both boxes before any false positive: AP_b = 1. AP = (0 + 1) / 2 = 0.5,
+  # APr = AP_a = 0, APf = AP_b = 1, no common category: APc = -1.
+  m = coco_metrics.evaluate_boxes(gt, results, lvis=True)
+  assert m["AP"] == pytest.approx(0.5) and m["AP50"] == pytest.approx(0.5)
+  assert (m["APr"], m["APf"], m["APc"]) == (pytest.approx(0.0),
+                                            pytest.approx(1.0), -1.0)
+  # Fixed AP: no per-image cap, 10,000 per category: a's true positive is
+  # kept, AP_a = 1, so AP_fixed = 1 and APr_fixed = 1.
+  f = coco_metrics.evaluate_fixed_ap(gt, results, lvis=True)
+  assert set(f) == set(coco_metrics.fixed_ap_names(lvis=True))
+  assert f["AP_fixed"] == pytest.approx(1.0)
+  assert f["AP50_fixed"] == pytest.approx(1.0)
+  assert (f["APr_fixed"], f["APf_fixed"], f["APc_fixed"]) == (
+      pytest.approx(1.0), pytest.approx(1.0), -1.0)
+  # The per-category cap: with 1 per category, "b" keeps only its 0.99
+  # (image 1): recall 1/2 at precision 1, i.e. 51 of the 101 recall
+  # thresholds (0, .01, ..., .5): AP_b = 51/101; AP_a = 1.
+  f1 = coco_metrics.evaluate_fixed_ap(gt, results, lvis=True,
+                                      max_dets_per_cat=1)
+  assert f1["AP_fixed"] == pytest.approx((1 + 51 / 101) / 2)
+  assert f1["APf_fixed"] == pytest.approx(51 / 101)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fixed_ap_of_coco_equals_ap_when_nothing_is_capped(backend):
+  gt = _gt(num_images=6, num_cats=3, boxes_per_image=4, seed=3)
+  results = _perfect(gt)
+  results[0] = dict(results[0], score=0.3, bbox=[0, 0, 5, 5])
+  m = coco_metrics.evaluate_boxes(gt, results, backend=backend)
+  f = coco_metrics.evaluate_fixed_ap(gt, results, backend=backend)
+  assert f == {"AP_fixed": pytest.approx(m["AP"]),
+               "AP50_fixed": pytest.approx(m["AP50"])}
+
+
+def test_per_category_top_k_matches_a_full_sort():
+  rng = np.random.default_rng(0)
+  top = coco_metrics.PerCategoryTopK(num_categories=5, k=7)
+  top.min_buffer = 8  # Compact often.
+  all_rows = []
+  for _ in range(20):
+    m = 13
+    ids = rng.integers(0, 100, m)
+    labels = rng.integers(0, 5, m)
+    scores = rng.random(m)
+    boxes = rng.random((m, 4)).astype(np.float32)
+    top.add(ids, labels, scores, boxes)
+    all_rows += list(zip(ids, labels, scores, boxes.tolist()))
+  ids, labels, scores, boxes = top.arrays()
+  assert len(top) == len(ids) == 5 * 7
+  for c in range(5):
+    want = sorted((r for r in all_rows if r[1] == c), key=lambda r: -r[2])[:7]
+    got = labels == c
+    np.testing.assert_allclose(scores[got], [r[2] for r in want])
+    assert ids[got].tolist() == [r[0] for r in want]
+    np.testing.assert_allclose(boxes[got], [r[3] for r in want], rtol=1e-6)
+
+
+def test_per_category_top_k_memory_is_bounded():
+  top = coco_metrics.PerCategoryTopK(num_categories=3, k=4)
+  top.min_buffer = 10
+  for step in range(200):
+    scores = np.full((30,), 0.5 + 1e-3 * step)  # Ever better candidates.
+    top.add(np.full(30, step), np.arange(30) % 3, scores, np.zeros((30, 4)))
+    assert top._size <= 2 * top._kept + top.min_buffer + 30
+  ids, labels, scores, _ = top.arrays()
+  assert len(ids) == 12 and set(ids.tolist()) == {199}  # 10 per category.
+
+
+def test_lvis_minival_is_lvis_val_on_coco_val2017_images(tmp_path):
+  import json
+  lvis_val = _gt(num_images=4, num_cats=3, seed=4, lvis=True)
+  coco_val = {"images": [{"id": 2}, {"id": 4}, {"id": 9}],
+              "annotations": [], "categories": []}
+  mini = coco_metrics.lvis_minival(lvis_val, coco_val)
+  assert [im["id"] for im in mini["images"]] == [2, 4]
+  assert {a["image_id"] for a in mini["annotations"]} == {2, 4}
+  assert len(mini["annotations"]) == 2 * 3
+  assert mini["categories"] == lvis_val["categories"]
+  paths = [tmp_path / n for n in ("lvis_v1_val.json", "instances_val2017.json",
+                                  "lvis_v1_minival.json")]
+  for p, d in zip(paths, (lvis_val, coco_val)):
+    p.write_text(json.dumps(d))
+  coco_metrics.main(["minival", *map(str, paths)])
+  written = json.loads(paths[2].read_text())
+  assert written == json.loads(json.dumps(mini))
+  m = coco_metrics.evaluate_boxes(str(paths[2]), _perfect(written), lvis=True)
+  assert m["AP"] == pytest.approx(1.0)

@@ -17,8 +17,9 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from omnitrain_jax.data import pipeline
-from omnitrain_jax.data import readers
+from omnitrain_jax.data import formats
+from omnitrain_jax.data import preparation
+from omnitrain_jax.data import sources as sources_lib
 from omnitrain_jax.evaluation import options as options_lib
 
 
@@ -41,14 +42,14 @@ class EvalDataset:
       default_factory=dict)
 
 
-def _guess_protocol(spec: pipeline.SourceSpec) -> str:
+def _guess_protocol(spec: sources_lib.SourceSpec) -> str:
   if spec.stream == "det":
     return "lvis" if spec.reader == "lvis" else "coco"
   text = f"{spec.name} {os.path.basename(spec.val)}".lower()
   return "flickr" if "flickr" in text else "refexp"
 
 
-def _shapes_groups(info: pipeline.DataInfo) -> dict[str, tuple[int, ...]]:
+def _shapes_groups(info: preparation.DataInfo) -> dict[str, tuple[int, ...]]:
   splits = info.splits or {}
   groups = {}
   for group in ("base", "grd_novel", "img_novel"):
@@ -57,7 +58,7 @@ def _shapes_groups(info: pipeline.DataInfo) -> dict[str, tuple[int, ...]]:
   return groups
 
 
-def eval_datasets(config: Any, info: pipeline.DataInfo,
+def eval_datasets(config: Any, info: preparation.DataInfo,
                   options: options_lib.EvalOptions | None = None
                   ) -> list[EvalDataset]:
   """The datasets an evaluation of `config` scores (see the module doc)."""
@@ -89,9 +90,10 @@ def eval_datasets(config: Any, info: pipeline.DataInfo,
   return out
 
 
-def with_dataset_json(info: pipeline.DataInfo, json_path: str, image_dir: str,
-                      *, name: str | None = None, fmt: str = "auto"
-                      ) -> tuple[pipeline.DataInfo, EvalDataset]:
+def with_dataset_json(info: preparation.DataInfo, json_path: str,
+                      image_dir: str, *, name: str | None = None,
+                      fmt: str = "auto"
+                      ) -> tuple[preparation.DataInfo, EvalDataset]:
   """Adds a COCO/LVIS file as a det source (val split) to `info`.
 
   Args:
@@ -113,7 +115,7 @@ def with_dataset_json(info: pipeline.DataInfo, json_path: str, image_dir: str,
   if not os.path.isdir(image_dir):
     raise FileNotFoundError(f"--image_dir={image_dir} is not a folder.")
   if fmt == "auto":
-    data = readers.load_json(json_path)
+    data = formats.load_json(json_path)
     images = data.get("images") if isinstance(data, dict) else None
     lvis = bool(images) and isinstance(images[0], dict) and (
         "neg_category_ids" in images[0])
@@ -121,7 +123,7 @@ def with_dataset_json(info: pipeline.DataInfo, json_path: str, image_dir: str,
   if fmt not in ("coco", "lvis"):
     raise ValueError(f"dataset format {fmt!r}; use auto, coco or lvis.")
   name = name or os.path.splitext(os.path.basename(json_path))[0]
-  spec = pipeline.SourceSpec(
+  spec = sources_lib.SourceSpec(
       name=name, stream="det",
       reader="lvis" if fmt == "lvis" else "coco_instances",
       train=json_path, val=json_path, image_dir=image_dir)

@@ -9,6 +9,14 @@ COCO results (``image_id``, ``category_id``, ``bbox`` ``[x, y, w, h]`` in
 original pixels, ``score``), writes ``detections_<name>.json`` and computes
 COCO AP (LVIS federated AP for the ``lvis`` protocol; per-group AP for
 ShapesWorld's open-vocabulary groups) with `coco_metrics`.
+
+**Fixed AP** (``eval.fixed_ap``: LVIS datasets by default): the device also
+keeps each category's ``eval.fixed_ap_per_image`` best boxes per image
+(`inference.top_k_detections`, the same per-query NMS), process 0 merges
+them into a running top-``eval.max_dets_per_cat`` per category over the
+split (`coco_metrics.PerCategoryTopK`, bounded memory), and ``AP_fixed``
+(``APr_fixed``, ...) is reported beside the standard AP
+(`coco_metrics.evaluate_fixed_ap`). The results file stays the standard one.
 """
 
 from __future__ import annotations
@@ -57,6 +65,8 @@ class DetEvaluator:
     k = min(ctx.options.max_detections, n * len(qs))
     chunk, trivial = union.chunk_size, union.trivial_groups
     nms = ctx.options.nms_iou or None
+    self.fixed_ap = fixed_ap = ctx.options.fixed_ap_for(dataset.protocol)
+    k_fixed = min(ctx.options.fixed_ap_per_image, n)
 
     def det_fn(params, batch, consts):
       enc = ctx.encode(params, batch["image"])
@@ -66,8 +76,15 @@ class DetEvaluator:
           trivial_groups=trivial)  # [B, N, P]
       top, labels, boxes = inference.detect_top_k(
           scores, enc["pred_boxes"], k, nms_iou_threshold=nms)
-      return {"scores": top, "labels": labels, "boxes": boxes,
-              **context_lib.passthrough(batch)}
+      out = {"scores": top, "labels": labels, "boxes": boxes,
+             **context_lib.passthrough(batch)}
+      if fixed_ap:
+        # Fixed AP's candidates: each category's best boxes of the image,
+        # [B, P, k_fixed] (suppressed by NMS: score 0).
+        out["fixed_scores"], out["fixed_boxes"], _ = (
+            inference.top_k_detections(scores, enc["pred_boxes"], k_fixed,
+                                       nms_iou_threshold=nms))
+      return out
 
     self.fn = ctx.jit(det_fn)
     self.consts = {"token_ids": union.token_ids, "weights": union.weights,
@@ -82,6 +99,9 @@ class DetEvaluator:
   def reset(self) -> None:
     self._results: list[dict] = []
     self._image_ids: set[int] = set()
+    self._top_per_cat = (coco_metrics.PerCategoryTopK(
+        len(self.category_ids), self.ctx.options.max_dets_per_cat)
+                         if self.fixed_ap else None)
 
   def feed(self, records: np.ndarray, feed: dict[str, np.ndarray]
            ) -> dict[str, np.ndarray]:
@@ -96,6 +116,15 @@ class DetEvaluator:
         out["image_id"], out["scores"], out["labels"], xyxy,
         self.category_ids)
     self._image_ids.update(int(i) for i in out["image_id"] if i >= 0)
+    if self._top_per_cat is not None:
+      fixed = self.ctx.canvas_boxes(out, out["fixed_boxes"])  # [B, P, k, 4]
+      scores = np.asarray(out["fixed_scores"], np.float64)  # [B, P, k]
+      image_ids = np.asarray(out["image_id"], np.int64)
+      b, p, kk = scores.shape
+      ok = (image_ids[:, None, None] >= 0) & (scores > 0)
+      labels = np.broadcast_to(np.arange(p)[None, :, None], (b, p, kk))
+      ids = np.broadcast_to(image_ids[:, None, None], (b, p, kk))
+      self._top_per_cat.add(ids[ok], labels[ok], scores[ok], fixed[ok])
 
   def finish(self, out_dir: epath.Path | None) -> dict[str, float]:
     """Writes the results file; returns COCO/LVIS metrics (process 0)."""
@@ -103,11 +132,26 @@ class DetEvaluator:
       context_lib.write_json(out_dir / f"detections_{self.dataset.name}.json",
                              self._results)
     partial = self.ctx.options.max_batches is not None
-    return coco_metrics.evaluate_boxes(
+    lvis = self.dataset.protocol == "lvis"
+    image_ids = sorted(self._image_ids) if partial else None
+    metrics = coco_metrics.evaluate_boxes(
         self.gt_path, self._results, backend=self.ctx.options.coco_backend,
-        lvis=self.dataset.protocol == "lvis",
-        category_groups=self.dataset.category_groups,
-        image_ids=sorted(self._image_ids) if partial else None)
+        lvis=lvis, category_groups=self.dataset.category_groups,
+        image_ids=image_ids)
+    if self._top_per_cat is not None:
+      metrics.update(coco_metrics.evaluate_fixed_ap(
+          self.gt_path, self._fixed_results(),
+          backend=self.ctx.options.coco_backend, lvis=lvis,
+          max_dets_per_cat=self.ctx.options.max_dets_per_cat,
+          image_ids=image_ids))
+    return metrics
+
+  def _fixed_results(self) -> list[dict]:
+    """The per-category top-k as COCO result dicts."""
+    ids, labels, scores, xyxy = self._top_per_cat.arrays()
+    return detections_lib.coco_results(
+        ids, scores[:, None], labels[:, None], xyxy[:, None],
+        self.category_ids)
 
   def queries_file(self) -> list:
     return self.queries_json

@@ -34,6 +34,8 @@ from omnitrain_jax import progress
 from omnitrain_jax import runtime
 from omnitrain_jax import sharding
 from omnitrain_jax.data import pipeline
+from omnitrain_jax.data import preparation
+from omnitrain_jax.data import sources as sources_lib
 from omnitrain_jax.evaluation import context as context_lib
 from omnitrain_jax.evaluation import datasets as datasets_lib
 from omnitrain_jax.evaluation import det_evaluator
@@ -48,7 +50,7 @@ METRICS_FILE = "metrics.json"
 class Evaluator:
   """Prepares each dataset once; `run` evaluates a set of params."""
 
-  def __init__(self, config: Any, info: pipeline.DataInfo, *,
+  def __init__(self, config: Any, info: preparation.DataInfo, *,
                model: omnidet.OmniDet, mesh: jax.sharding.Mesh,
                rules: sharding.LogicalRules, param_shardings: Any,
                datasets: Sequence[datasets_lib.EvalDataset] | None = None,
@@ -94,12 +96,13 @@ class Evaluator:
     if ds.name not in self._tasks:
       start = time.monotonic()
       spec = self.info.sources[ds.stream][ds.source]
-      source = pipeline.open_source(spec, "val",
-                                    strict=self.config.data.strict)
+      source = sources_lib.open_source(spec, "val",
+                                       strict=self.config.data.strict)
       if ds.protocol in options_lib.DET_PROTOCOLS:
         task = det_evaluator.DetEvaluator(self.context, ds, source, spec.val)
       else:
-        task = grd_evaluator.GrdEvaluator(self.context, ds, source)
+        task = grd_evaluator.GrdEvaluator(self.context, ds, source,
+                                          spec.val)
       if runtime.is_lead():
         task.report.log()
         logging.info("%s: %d records, %s protocol, prepared in %.1f s.",

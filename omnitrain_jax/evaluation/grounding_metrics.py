@@ -5,11 +5,26 @@ Flickr caption) by the boxes its query ranks highest in its image:
 
 * **RefCOCO/+/g Acc@0.5** (MDETR, Grounding DINO): the top-1 box has IoU >=
   0.5 with the ground-truth box.
-* **Flickr30k Entities Recall@k, any-box protocol** (MDETR's
-  ``flickr_eval.py`` with ``merge_boxes=False``): the phrase counts at k if
-  any of its top-k boxes has IoU >= 0.5 with *any* of its ground-truth boxes
-  (a phrase such as "two dogs" has several). Phrases without boxes are not
-  in the annotations, so they are not counted.
+* **Flickr30k Entities Recall@k** as MDETR's ``datasets/flickr_eval.py``
+  defines it. The unit is a *phrase mention*: every bracketed phrase of a
+  sentence whose entity has boxes (MDETR's ``tokens_positive_eval``, one entry
+  per mention, in sentence order; "a man ... he" are two mentions of one
+  entity, both scored). Each mention is queried on its own and scored
+  against *all* ground-truth boxes of its entity (`mention_boxes`), in two
+  variants, reported side by side:
+
+  - ``anybox`` (``merge_boxes=False``, the "ANY-BOX" protocol): a hit at k
+    if any of the top-k boxes has IoU >= 0.5 with *any* box of the entity
+    ("two dogs" has two);
+  - ``mergedbox`` (``merge_boxes=True``, Plummer et al.'s "MERGED-BOXES"
+    protocol): the entity's boxes are replaced by their enclosing box
+    (`merge_boxes`) and a hit needs IoU >= 0.5 with it. The *predictions are
+    not merged* (MDETR compares each ranked box as predicted; a model meant
+    for this protocol is trained on the ``mergedGT`` files, whose boxes are
+    already the enclosing ones).
+
+  Mentions without boxes are not in ``tokens_positive_eval``, so they are
+  not counted (MDETR filters them the same way).
 
 Acc@0.5 is Recall@1 of a single-box phrase; one function, `phrase_hits`,
 serves both. IoU is of continuous boxes (no +1 pixel), as in COCO.
@@ -22,6 +37,8 @@ from collections.abc import Sequence
 import numpy as np
 
 IOU_THRESHOLD = 0.5
+# Flickr30k Recall@k variants, in the order of the metric keys.
+FLICKR_VARIANTS = ("anybox", "mergedbox")
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -61,6 +78,47 @@ def phrase_hits(ranked_boxes: np.ndarray, gt_boxes: np.ndarray,
   return {int(k): first < k for k in ks}
 
 
+def merge_boxes(boxes: np.ndarray) -> np.ndarray:
+  """The smallest box enclosing all `boxes` (MDETR ``_merge_boxes``).
+
+  Args:
+    boxes: ``[G, 4]`` xyxy, G >= 1.
+
+  Returns:
+    ``[1, 4]`` xyxy.
+  """
+  b = np.asarray(boxes, np.float64).reshape(-1, 4)
+  if not len(b):
+    raise ValueError("merge_boxes needs at least one box.")
+  return np.concatenate([b[:, :2].min(0), b[:, 2:].max(0)])[None]
+
+
+def mention_boxes(mention_spans: Sequence[Sequence[int]],
+                  box_spans: Sequence[Sequence[Sequence[int]]]) -> np.ndarray:
+  """The boxes of a phrase mention's entity, from an MDETR-style record.
+
+  MDETR's Flickr files give each box the spans of *every* mention of its
+  entity in the sentence (``tokens_positive``), and each mention its own
+  spans (``tokens_positive_eval``); so a box belongs to the mention's entity
+  iff its spans include all of the mention's spans. (For files whose
+  mentions carry several spans, e.g. ShapesWorld's one span per descriptive
+  word, that is the box whose spans are those.)
+
+  Args:
+    mention_spans: the mention's ``[start, end)`` spans.
+    box_spans: per box of the record, its spans.
+
+  Returns:
+    int64 ``[G]`` indices of the entity's boxes (empty: none survived).
+  """
+  want = {tuple(int(v) for v in sp) for sp in mention_spans}
+  if not want:
+    return np.zeros((0,), np.int64)
+  return np.asarray([i for i, spans in enumerate(box_spans)
+                     if want <= {tuple(int(v) for v in sp) for sp in spans}],
+                    np.int64)
+
+
 class GroundingAccumulator:
   """Collects per-phrase hits; `metrics` gives Acc@0.5 or Recall@k."""
 
@@ -97,8 +155,42 @@ def refexp_metrics(acc: GroundingAccumulator) -> dict[str, float]:
   return {"acc@0.5": acc.recall()[1], "num_phrases": float(acc.num_phrases)}
 
 
-def flickr_metrics(acc: GroundingAccumulator) -> dict[str, float]:
-  """``R@k`` for every k and the phrase count."""
-  out = {f"R@{k}": v for k, v in acc.recall().items()}
+class FlickrAccumulator:
+  """Per-mention hits of both Flickr30k variants (`FLICKR_VARIANTS`)."""
+
+  def __init__(self, ks: Sequence[int]):
+    self.variants = {v: GroundingAccumulator(ks) for v in FLICKR_VARIANTS}
+    self.ks = self.variants["anybox"].ks
+
+  @property
+  def num_phrases(self) -> int:
+    return self.variants["anybox"].num_phrases
+
+  def add(self, ranked_boxes: np.ndarray, gt_boxes: np.ndarray
+          ) -> dict[str, dict[int, bool]]:
+    """Adds one mention: its ranked boxes and *all* its entity's boxes.
+
+    Returns:
+      {variant: {k: hit}}.
+    """
+    return {"anybox": self.variants["anybox"].add(ranked_boxes, gt_boxes),
+            "mergedbox": self.variants["mergedbox"].add(
+                ranked_boxes, merge_boxes(gt_boxes))}
+
+  def add_miss(self) -> None:
+    for acc in self.variants.values():
+      acc.add_miss()
+
+
+def flickr_metrics(acc: FlickrAccumulator) -> dict[str, float]:
+  """``R@<k>_<variant>`` for every k and variant, and the mention count.
+
+  E.g. ``R@1_anybox``, ``R@5_mergedbox``: MDETR's ``flickr_eval`` with
+  ``merge_boxes=False`` / ``True``.
+  """
+  out = {}
+  for variant in FLICKR_VARIANTS:
+    out.update({f"R@{k}_{variant}": v
+                for k, v in acc.variants[variant].recall().items()})
   out["num_phrases"] = float(acc.num_phrases)
   return out

@@ -17,6 +17,7 @@ DET_PROTOCOLS = ("coco", "lvis")
 GRD_PROTOCOLS = ("refexp", "flickr")
 PROTOCOLS = DET_PROTOCOLS + GRD_PROTOCOLS
 GROUNDING_QUERIES = ("spans", "caption")
+FIXED_AP = ("lvis", "all", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +46,14 @@ class EvalOptions:
       the whole caption (for referring-expression files whose spans mark only
       the head noun).
     recall_ks: the k of Flickr30k Recall@k.
+    fixed_ap: which det datasets also report fixed AP (``AP_fixed``, ...;
+      `coco_metrics.evaluate_fixed_ap`): ``lvis`` (those of the LVIS
+      protocol, as papers report LVIS), ``all``, or ``none``.
+    max_dets_per_cat: fixed AP: detections kept per category over the whole
+      split (Dave et al. 2021: 10,000).
+    fixed_ap_per_image: fixed AP: boxes kept per category per image on the
+      device (the candidates of the running per-category top-k; the split's
+      top ``max_dets_per_cat`` of a category rarely needs more of one image).
     progress_every_secs: console progress period.
   """
   datasets: tuple[str, ...] = ()
@@ -57,6 +66,9 @@ class EvalOptions:
   max_batches: int | None = None
   grounding_query: str = "spans"
   recall_ks: tuple[int, ...] = (1, 5, 10)
+  fixed_ap: str = "lvis"
+  max_dets_per_cat: int = 10_000
+  fixed_ap_per_image: int = 10
   progress_every_secs: float = 10.0
 
   def __post_init__(self):
@@ -69,7 +81,11 @@ class EvalOptions:
     bad = {k: v for k, v in self.protocols.items() if v not in PROTOCOLS}
     if bad:
       raise ValueError(f"eval.protocols={bad}: protocols are {PROTOCOLS}.")
-    for name in ("max_detections", "token_chunk"):
+    if self.fixed_ap not in FIXED_AP:
+      raise ValueError(f"eval.fixed_ap={self.fixed_ap!r}; use one of "
+                       f"{FIXED_AP}.")
+    for name in ("max_detections", "token_chunk", "max_dets_per_cat",
+                 "fixed_ap_per_image"):
       if getattr(self, name) < 1:
         raise ValueError(f"eval.{name}={getattr(self, name)} must be >= 1.")
     if not 0.0 <= self.nms_iou < 1.0:
@@ -80,6 +96,11 @@ class EvalOptions:
                        "or None (all).")
     if not self.recall_ks or min(self.recall_ks) < 1:
       raise ValueError(f"eval.recall_ks={self.recall_ks} must be k >= 1.")
+
+  def fixed_ap_for(self, protocol: str) -> bool:
+    """Whether a det dataset of `protocol` also reports fixed AP."""
+    return self.fixed_ap == "all" or (self.fixed_ap == "lvis"
+                                      and protocol == "lvis")
 
   @classmethod
   def from_config(cls, config: Any, **overrides) -> EvalOptions:

@@ -29,7 +29,7 @@ from omnitrain_jax import progress
 from omnitrain_jax import sharding
 from omnitrain_jax.data import errors
 from omnitrain_jax.data import images as images_lib
-from omnitrain_jax.data import pipeline
+from omnitrain_jax.data import preparation
 from omnitrain_jax.data import transforms
 from omnitrain_jax.evaluation import detections as detections_lib
 from omnitrain_jax.evaluation import draw
@@ -89,7 +89,7 @@ def resolve_vocab(workdir: str, config: Any, vocab: str | None = None
     raise FileNotFoundError(f"--vocab={vocab} does not exist.")
   logging.info("No %s in %s and no data.vocab.path: building the vocabulary "
                "from the config's data (cached).", VOCAB_FILE, workdir)
-  return pipeline.prepare_data(config.data).vocab_path
+  return preparation.prepare_data(config.data).vocab_path
 
 
 def list_images(path: str) -> list[str]:
@@ -180,7 +180,7 @@ class Predictor:
         resolve_vocab(workdir, config, vocab))
     # Only what the model needs: no dataset is opened.
     setup = model_setup.create(config, vocab_size=len(vocabulary),
-                               spec=pipeline.spec_from_config(config.data))
+                               spec=preparation.spec_from_config(config.data))
     params, step = checkpointing.restore_params(workdir, setup.abstract_state,
                                                 step)
     return cls(model=setup.model, params=params, mesh=setup.mesh,

@@ -4,7 +4,10 @@
     tok = Tokenizer(vocab)
     enc = tok.encode("the hot dog on the left")  # ids, spans, unknown words
 
-Build a vocabulary with `python -m omnitrain_jax.vocab.build` (see `build`).
+A leaf package: it imports nothing from the rest of omnitrain_jax. Build a
+vocabulary file from annotation files with `python -m
+omnitrain_jax.data.build_vocab` (the files are read on the data side,
+`data/vocab_inputs.py`; `builder` only counts).
 """
 
 from omnitrain_jax.vocab.text import clean_category_name

@@ -1,13 +1,13 @@
-"""Builds a `Vocabulary` from training annotation files (library side).
+"""Builds a `Vocabulary` from category names and texts (no file reading).
 
-The command line is `omnitrain_jax.vocab.build`; this module holds the logic:
+The inputs are `AnnotationFile`s: the categories and texts of one annotation
+file each. `omnitrain_jax.data.vocab_inputs` reads them from the files (and
+`python -m omnitrain_jax.data.build_vocab` is the command line); this module
+only counts, so that the vocabulary package needs nothing from the data one.
 
-1. **Read** each file, sniffing its format (`read_annotations`): COCO / LVIS
-   instances JSON (category names; LVIS synonyms too), MDETR-style grounding
-   JSON (image entries with a ``caption``), COCO captions JSON (annotations
-   with a ``caption``), JSONL (``{"image": ..., "caption": ...}`` a line), CSV
-   with a ``caption`` column, a JSON list of ``{"caption": ...}``, and RefCOCO
-   ``refs(umd).p`` pickles (each ref's sentences' ``sent``).
+1. **Inputs.** Instances files give category names (LVIS synonyms too) with
+   their box counts; grounding, caption and referring-expression files give
+   texts.
 2. **Category concepts** (`category_concepts`), per instances file, so in the
    dataset's own terms. Names are cleaned first (`text.clean_category_name`:
    LVIS ``hot_dog`` -> ``hot dog``, sense suffix ``bow_(weapon)`` -> ``bow``;
@@ -43,30 +43,14 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Iterable, Sequence
-import csv
 import dataclasses
-import io
-import json
 import math
-import os
 
-from etils import epath
 import numpy as np
 
-from omnitrain_jax.data import readers
-from omnitrain_jax.data.errors import DataError
 from omnitrain_jax.vocab import text as text_lib
 from omnitrain_jax.vocab import tokenizer as tokenizer_lib
 from omnitrain_jax.vocab import vocabulary as vocabulary_lib
-
-FORMATS = ("coco_instances", "lvis_instances", "mdetr_grounding",
-           "coco_captions", "jsonl_captions", "json_captions", "csv_captions",
-           "refcoco_refs")
-_FORMAT_HELP = (
-    "expected COCO/LVIS instances JSON (with 'categories'), MDETR grounding "
-    "JSON ('images' with 'caption'), COCO captions JSON ('annotations' with "
-    "'caption'), JSONL or a JSON list of {'caption': ...}, CSV with a "
-    "'caption' column, or a RefCOCO refs(umd).p pickle")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,12 +68,12 @@ class Category:
 
 
 @dataclasses.dataclass(frozen=True)
-class AnnotationSource:
-  """What the builder takes from one annotation file.
+class AnnotationFile:
+  """What the builder counts from one annotation file.
 
   Attributes:
-    path: the file.
-    format: one of `FORMATS`.
+    path: the file (for the summary).
+    format: its format name, e.g. "coco_instances" (for the summary).
     categories: categories (instances files), else empty.
     texts: captions / expressions (text files), else empty.
   """
@@ -97,170 +81,6 @@ class AnnotationSource:
   format: str
   categories: tuple[Category, ...] = ()
   texts: tuple[str, ...] = ()
-
-
-# ------------------------------------------------------------------ reading
-
-
-def read_annotations(path: str | os.PathLike[str]) -> AnnotationSource:
-  """Reads one annotation file, sniffing its format from its content.
-
-  Args:
-    path: a file in one of `FORMATS` (local or `etils.epath` path).
-
-  Returns:
-    The categories or texts it holds.
-
-  Raises:
-    DataError: unreadable file or unrecognized / malformed content; the
-      message names the file and the expected formats.
-  """
-  p = epath.Path(path)
-  name = os.fspath(path)
-  try:
-    data = p.read_bytes()
-  except OSError as e:
-    raise DataError(name, "file", f"cannot read it ({e})",
-                    "check the path and permissions") from e
-  suffix = p.suffix.lower()
-  # Pickle protocol 2+ starts with 0x80; RefCOCO's refs(umd).p is protocol 2.
-  if data[:1] == b"\x80" or suffix in (".p", ".pkl", ".pickle"):
-    return _read_refcoco(name, data)
-  try:
-    text = data.decode("utf-8-sig")
-  except UnicodeDecodeError as e:
-    raise DataError(name, "file", f"not UTF-8 text ({e})",
-                    _FORMAT_HELP) from e
-  stripped = text.lstrip()
-  if suffix == ".csv" or not stripped.startswith(("{", "[")):
-    return _read_csv(name, text)
-  if suffix == ".jsonl":
-    return _read_jsonl(name, text)
-  try:
-    obj = json.loads(text)
-  except json.JSONDecodeError as e:
-    if e.msg == "Extra data":
-      return _read_jsonl(name, text)
-    raise DataError(name, f"line {e.lineno}", f"invalid JSON ({e.msg})",
-                    _FORMAT_HELP) from e
-  return _from_json(name, obj)
-
-
-def _from_json(name: str, obj) -> AnnotationSource:
-  """Dispatches a parsed JSON document on its keys."""
-  if isinstance(obj, list):
-    return AnnotationSource(name, "json_captions",
-                            texts=tuple(_captions_of(name, obj)))
-  if not isinstance(obj, dict):
-    raise DataError(name, "top level", f"a JSON {type(obj).__name__}",
-                    _FORMAT_HELP)
-  if "caption" in obj or "captions" in obj:
-    # A one-line JSONL file without the .jsonl suffix.
-    return AnnotationSource(name, "jsonl_captions",
-                            texts=tuple(_captions_of(name, [obj])))
-  images = obj.get("images") or []
-  anns = obj.get("annotations") or []
-  if images and isinstance(images[0], dict) and "caption" in images[0]:
-    # MDETR: one image entry per (image, caption); phrases are substrings of
-    # the caption, so the caption is what is counted.
-    texts = []
-    for i, im in enumerate(images):
-      cap = im.get("caption")
-      if not isinstance(cap, str):
-        raise DataError(name, f"images[{i}] (id {im.get('id')})",
-                        f"caption is {cap!r}, not a string",
-                        "give every image entry a 'caption' string")
-      texts.append(cap)
-    return AnnotationSource(name, "mdetr_grounding", texts=tuple(texts))
-  if anns and isinstance(anns[0], dict) and "caption" in anns[0]:
-    return AnnotationSource(name, "coco_captions",
-                            texts=tuple(_captions_of(name, anns)))
-  if "categories" in obj:
-    cats = obj["categories"]
-    num_boxes = collections.Counter()
-    for a in anns:
-      num_boxes[a.get("category_id")] += 1
-    out, lvis = [], False
-    for i, c in enumerate(cats):
-      if not isinstance(c, dict) or not isinstance(c.get("name"), str):
-        raise DataError(name, f"categories[{i}]", f"no 'name' string in {c!r}",
-                        "give each category a 'name'")
-      syn = c.get("synonyms") or ()
-      lvis = lvis or "synonyms" in c or "frequency" in c
-      out.append(Category(c["name"], tuple(s for s in syn if isinstance(s, str)),
-                          num_boxes.get(c.get("id"), 0)))
-    fmt = "lvis_instances" if lvis else "coco_instances"
-    return AnnotationSource(name, fmt, categories=tuple(out))
-  raise DataError(name, "top level", f"unrecognized keys {sorted(obj)[:8]}",
-                  _FORMAT_HELP)
-
-
-def _captions_of(name: str, entries: Iterable, where: str = "entry",
-                 start: int = 0) -> list[str]:
-  """The 'caption' strings (or 'captions' lists) of dict entries."""
-  texts = []
-  for i, e in enumerate(entries, start=start):
-    cap = e.get("caption", e.get("captions")) if isinstance(e, dict) else None
-    if isinstance(cap, str):
-      texts.append(cap)
-    elif isinstance(cap, list) and all(isinstance(c, str) for c in cap):
-      texts.extend(cap)
-    else:
-      raise DataError(name, f"{where} {i}", f"no 'caption' string in {e!r:.80}",
-                      "give every entry a 'caption' (or 'captions' list)")
-  return texts
-
-
-def _read_jsonl(name: str, text: str) -> AnnotationSource:
-  texts = []
-  for lineno, line in enumerate(text.splitlines(), start=1):
-    if not line.strip():
-      continue
-    try:
-      entry = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise DataError(name, f"line {lineno}", f"invalid JSON ({e.msg})",
-                      "write one JSON object a line") from e
-    texts.extend(_captions_of(name, [entry], "line", start=lineno))
-  return AnnotationSource(name, "jsonl_captions", texts=tuple(texts))
-
-
-def _read_csv(name: str, text: str) -> AnnotationSource:
-  reader = csv.DictReader(io.StringIO(text))
-  fields = [f.strip().lower() for f in (reader.fieldnames or [])]
-  if "caption" not in fields:
-    raise DataError(name, "header", f"no 'caption' column in {fields}",
-                    _FORMAT_HELP)
-  col = reader.fieldnames[fields.index("caption")]
-  return AnnotationSource(name, "csv_captions",
-                          texts=tuple(r[col] or "" for r in reader))
-
-
-def _read_refcoco(name: str, data: bytes) -> AnnotationSource:
-  try:
-    # refs(umd).p was written by Python 2; latin1 decodes its byte strings.
-    # The readers' unpickler refuses classes, so a file cannot run code.
-    refs = readers.RefsUnpickler(io.BytesIO(data), encoding="latin1").load()
-  except Exception as e:  # pickle raises many types on bad input.
-    raise DataError(name, "file", f"not a readable pickle ({e!r})",
-                    _FORMAT_HELP) from e
-  if not isinstance(refs, list):
-    raise DataError(name, "top level", f"a {type(refs).__name__}, not a list "
-                    "of refs", _FORMAT_HELP)
-  texts = []
-  for i, ref in enumerate(refs):
-    sents = ref.get("sentences") if isinstance(ref, dict) else None
-    if not isinstance(sents, list):
-      raise DataError(name, f"ref {i}", "no 'sentences' list",
-                      "use the refs(umd).p file of the REFER toolkit")
-    for s in sents:
-      sent = s.get("sent", s.get("raw")) if isinstance(s, dict) else None
-      if not isinstance(sent, str):
-        raise DataError(name, f"ref {i} (ref_id {ref.get('ref_id')})",
-                        f"sentence without 'sent': {s!r:.80}",
-                        "use the refs(umd).p file of the REFER toolkit")
-      texts.append(sent)
-  return AnnotationSource(name, "refcoco_refs", texts=tuple(texts))
 
 
 # ------------------------------------------------------- category concepts
@@ -422,15 +242,16 @@ def _cut_possessive(word: str) -> str:
 
 
 def build_vocabulary(
-    sources: Sequence[str | os.PathLike[str] | AnnotationSource], *,
+    files: Sequence[AnnotationFile], *,
     max_size: int, split_categories: bool = False, min_count: int = 1,
     min_partners: int = 2, min_bigram_count: int = 0,
     bigram_min_npmi: float = 0.5, top_k_summary: int = 20,
 ) -> tuple[vocabulary_lib.Vocabulary, dict]:
-  """Builds a vocabulary from annotation files (rules: module doc).
+  """Builds a vocabulary from annotation files' contents (rules: module doc).
 
   Args:
-    sources: file paths (format sniffed) or already read `AnnotationSource`s.
+    files: the files' categories and texts (read from files by
+      `omnitrain_jax.data.vocab_inputs.read_annotations`).
     max_size: the most tokens in total, reserved ids included. Category
       concepts are always kept, even beyond it (the summary says so).
     split_categories: split every multi-word category name.
@@ -451,13 +272,12 @@ def build_vocabulary(
   if min_count < 1 or min_bigram_count < 0:
     raise ValueError(f"min_count={min_count} must be >= 1 and "
                      f"min_bigram_count={min_bigram_count} >= 0.")
-  sources = [s if isinstance(s, AnnotationSource) else read_annotations(s)
-             for s in sources]
+  files = list(files)
 
   # Category concepts with box counts, per file.
   cat_counts = collections.Counter()
   split_names, empty_names = set(), []
-  for src in sources:
+  for src in files:
     if not src.categories:
       continue
     all_names = [n for c in src.categories for n in (c.name, *c.synonyms)]
@@ -475,7 +295,7 @@ def build_vocabulary(
 
   # Text counts, tokenized against the category concepts.
   tok = tokenizer_lib.Tokenizer(vocabulary_lib.Vocabulary(sorted(cat_counts)))
-  texts = [t for src in sources for t in src.texts]
+  texts = [t for src in files for t in src.texts]
   hits, words, bigrams = count_text_tokens(tok, texts,
                                            bigrams=min_bigram_count > 0)
   cat_counts.update(hits)
@@ -531,7 +351,7 @@ def build_vocabulary(
       "texts": len(texts),
       "files": [{"path": s.path, "format": s.format,
                  "categories": len(s.categories), "texts": len(s.texts)}
-                for s in sources],
+                for s in files],
       "top_tokens": top,
   }
   return vocab, summary

@@ -1,72 +1,11 @@
-"""Tests for the vocabulary builder and its command line."""
-
-import json
-import pickle
-import subprocess
-import sys
+"""Tests for the vocabulary builder's counting rules (no files: the files are
+read by `omnitrain_jax.data.vocab_inputs`, tested there)."""
 
 import pytest
 
-from omnitrain_jax.data.errors import DataError
 from omnitrain_jax.vocab import builder
 from omnitrain_jax.vocab.tokenizer import Tokenizer
 from omnitrain_jax.vocab.vocabulary import Vocabulary
-
-COLORS = ("red", "green", "blue", "yellow")
-SHAPES = ("circle", "square", "star")
-COCO_NAMES = ("person", "dog", "bear", "hot dog", "traffic light",
-              "teddy bear", "baseball bat", "baseball glove", "wine glass")
-
-
-def _write_json(path, obj):
-  path.write_text(json.dumps(obj))
-  return path
-
-
-def _instances(path, names, boxes_per_category=1, **extra):
-  cats = [dict(id=i + 1, name=n, **extra) for i, n in enumerate(names)]
-  anns = [dict(id=len(cats) * k + i, image_id=1, category_id=i + 1,
-               bbox=[0, 0, 5, 5])
-          for k in range(boxes_per_category) for i in range(len(cats))]
-  return _write_json(path, {"images": [{"id": 1, "file_name": "a.jpg"}],
-                            "annotations": anns, "categories": cats})
-
-
-def _shapes(tmp_path):
-  return _instances(tmp_path / "shapes.json",
-                    [f"{c} {s}" for c in COLORS for s in SHAPES])
-
-
-def _coco(tmp_path):
-  return _instances(tmp_path / "coco.json", COCO_NAMES, boxes_per_category=2)
-
-
-def test_colour_shape_categories_split_into_words(tmp_path):
-  vocab, summary = builder.build_vocabulary([_shapes(tmp_path)], max_size=100)
-  concepts = set(vocab.tokens[2:])
-  assert concepts == set(COLORS) | set(SHAPES)
-  assert summary["num_split_category_names"] == len(COLORS) * len(SHAPES)
-  # Each colour and shape counts the boxes of every category it is part of.
-  assert vocab.counts[vocab.id("red")] == len(SHAPES)
-  assert vocab.counts[vocab.id("circle")] == len(COLORS)
-  tok = Tokenizer(vocab)
-  assert tok.encode("two red circles").tokens == ["red", "circle"]
-
-
-def test_coco_multiword_names_stay_whole(tmp_path):
-  vocab, summary = builder.build_vocabulary([_coco(tmp_path)], max_size=100)
-  assert set(vocab.tokens[2:]) == set(COCO_NAMES)
-  assert summary["num_split_category_names"] == 0
-  assert vocab.counts[vocab.id("hot dog")] == 2
-  assert Tokenizer(vocab).encode("the hot dog on the left").tokens == [
-      "hot dog"]
-
-
-def test_split_categories_forces_splitting(tmp_path):
-  vocab, _ = builder.build_vocabulary([_coco(tmp_path)], max_size=100,
-                                      split_categories=True)
-  assert "hot dog" not in vocab
-  assert {"hot", "dog", "traffic", "light", "teddy"} <= set(vocab.tokens)
 
 
 def test_category_rule_is_per_dataset_and_positional():
@@ -85,152 +24,27 @@ def test_category_rule_is_per_dataset_and_positional():
       "red", "circle"]
 
 
-def test_lvis_names_synonyms_and_senses(tmp_path):
-  cats = [
-      {"id": 1, "name": "hot_dog", "synonyms": ["hot_dog", "frankfurter"],
-       "frequency": "c"},
-      {"id": 2, "name": "bow_(weapon)", "synonyms": ["bow_(weapon)"],
-       "frequency": "r"},
-      {"id": 3, "name": "bow_(decorative_ribbons)", "synonyms": ["bow"],
-       "frequency": "f"},
-      {"id": 4, "name": "can", "synonyms": ["can", "tin_can"],
-       "frequency": "f"},
+def test_builds_from_categories_and_texts():
+  files = [
+      builder.AnnotationFile("shapes.json", "coco_instances", categories=tuple(
+          builder.Category(f"{c} {s}", num_boxes=2)
+          for c in ("red", "blue", "green") for s in ("circle", "star",
+                                                      "square"))),
+      builder.AnnotationFile("lvis.json", "lvis", categories=(
+          builder.Category("hot_dog", ("frankfurter",), 1),)),
+      builder.AnnotationFile("caps.jsonl", "caption_jsonl",
+                             texts=("two red hot dogs", "a kite")),
   ]
-  path = _write_json(tmp_path / "lvis.json", {
-      "images": [{"id": 1, "neg_category_ids": [], "height": 9, "width": 9}],
-      "annotations": [{"id": 1, "image_id": 1, "category_id": 3,
-                       "bbox": [0, 0, 1, 1]}],
-      "categories": cats})
-  src = builder.read_annotations(path)
-  assert src.format == "lvis_instances"
-  vocab, _ = builder.build_vocabulary([src], max_size=100)
-  assert set(vocab.tokens[2:]) == {"hot dog", "frankfurter", "bow", "can",
-                                   "tin can"}
-  assert vocab.counts[vocab.id("bow")] == 1
-
-
-def test_reads_every_format(tmp_path):
-  mdetr = _write_json(tmp_path / "final_flickr_train.json", {
-      "images": [{"id": 1, "file_name": "a.jpg", "caption": "A man in a hat",
-                  "tokens_positive_eval": [[[2, 5]]]}],
-      "annotations": [{"id": 1, "image_id": 1, "bbox": [0, 0, 1, 1],
-                       "tokens_positive": [[2, 5]], "category_id": 1}],
-      "categories": [{"id": 1, "name": "object"}]})
-  caps = _write_json(tmp_path / "captions.json", {
-      "images": [{"id": 1}],
-      "annotations": [{"id": 1, "image_id": 1, "caption": "A cat sleeping"}]})
-  jsonl = tmp_path / "laion.jsonl"
-  jsonl.write_text('{"image": "a.jpg", "caption": "purple stars"}\n'
-                   '{"image": "b.jpg", "caption": "a hexagon"}\n')
-  csv_path = tmp_path / "caps.csv"
-  csv_path.write_text('path,caption\na.jpg,"a pink ring, left"\n')
-  refs = tmp_path / "refs(umd).p"
-  refs.write_bytes(pickle.dumps([
-      {"ref_id": 0, "category_id": 1, "sentences": [
-          {"sent": "the man on the left", "raw": "The man on the left."},
-          {"sent": "left guy", "raw": "left guy"}]}], protocol=2))
-  got = {p.name: builder.read_annotations(p)
-         for p in (mdetr, caps, jsonl, csv_path, refs, _coco(tmp_path))}
-  assert got[mdetr.name].format == "mdetr_grounding"
-  assert got[mdetr.name].texts == ("A man in a hat",)
-  assert got[caps.name].format == "coco_captions"
-  assert got[jsonl.name].format == "jsonl_captions"
-  assert got[jsonl.name].texts == ("purple stars", "a hexagon")
-  assert got[csv_path.name].format == "csv_captions"
-  assert got[refs.name].format == "refcoco_refs"
-  assert got[refs.name].texts == ("the man on the left", "left guy")
-  assert got["coco.json"].format == "coco_instances"
-  assert [c.num_boxes for c in got["coco.json"].categories] == [2] * len(
-      COCO_NAMES)
-
-  vocab, summary = builder.build_vocabulary(list(got.values()), max_size=100)
-  assert {"man", "hat", "cat", "sleeping", "purple", "star", "hexagon",
-          "pink", "ring", "left", "guy"} <= set(vocab.tokens)
-  assert vocab.counts[vocab.id("left")] == 3
-  # The MDETR dummy category "object" is not a concept.
-  assert "object" not in vocab
-  assert summary["texts"] == 7
-
-
-@pytest.mark.parametrize("content,match", [
-    ('{"info": {}}', "unrecognized keys"),
-    ('{"images": [], "annotations": [], "categories": [{"id": 1}]}',
-     "no 'name'"),
-    ('{"caption": "a"}\n{"image": "b.jpg"}\n', "line 2"),
-    ("path,text\na.jpg,hello\n", "no 'caption' column"),
-    ('{"broken": ', "invalid JSON"),
-])
-def test_unrecognized_or_malformed_files_name_the_problem(tmp_path, content,
-                                                          match):
-  path = tmp_path / "bad.json"
-  path.write_text(content)
-  with pytest.raises(DataError, match=match) as e:
-    builder.read_annotations(path)
-  assert str(path) in str(e.value)
-
-
-def test_max_size_caps_words_but_keeps_categories(tmp_path):
-  caps = _write_json(tmp_path / "caps.json", {"annotations": [
-      {"id": i, "image_id": 1, "caption": c} for i, c in enumerate(
-          ["zebra zebra zebra giraffe giraffe kite", "zebra giraffe",
-           "a hot dog"])]})
-  vocab, summary = builder.build_vocabulary([_coco(tmp_path), caps],
-                                            max_size=2 + len(COCO_NAMES) + 1)
-  assert set(COCO_NAMES) <= set(vocab.tokens)
-  # Only the most frequent caption word fits.
-  assert "zebra" in vocab and "giraffe" not in vocab and "kite" not in vocab
-  assert summary["cut_by_max_size"] == 2
-  assert vocab.counts[vocab.id("hot dog")] == 2 + 1  # boxes + caption
-  # Categories are kept even when they alone exceed max_size.
-  vocab, summary = builder.build_vocabulary([_coco(tmp_path), caps],
-                                            max_size=4)
-  assert len(vocab) == 2 + len(COCO_NAMES)
-  assert summary["categories_over_max_size"]
-
-
-def test_min_count_and_bigrams(tmp_path):
-  texts = (["a hot dog stand"] * 4 + ["red circle", "red square",
-                                       "blue circle"] * 3
-           + ["a dog", "a stand", "hot tea"])
-  caps = _write_json(tmp_path / "c.json", [{"caption": t} for t in texts])
-  shapes = _shapes(tmp_path)
-  vocab, summary = builder.build_vocabulary([caps], max_size=100,
-                                            min_count=3)
-  assert "hot dog" not in vocab and "hot" in vocab and "tea" not in vocab
-  assert summary["cut_by_min_count"] == 1
-  vocab, _ = builder.build_vocabulary([caps, shapes], max_size=100,
-                                      min_bigram_count=3)
-  # A frequent collocation becomes a concept; a split category name and a
-  # combination of frequent words do not.
-  assert "hot dog" in vocab
-  assert "red circle" not in vocab and "blue circle" not in vocab
-  assert Tokenizer(vocab).encode("hot dogs").tokens == ["hot dog"]
-
-
-def test_cli_writes_vocab_and_prints_summary(tmp_path):
-  out = tmp_path / "vocab.txt"
-  jsonl = tmp_path / "caps.jsonl"
-  jsonl.write_text('{"image": "a.jpg", "caption": "a red star"}\n')
-  proc = subprocess.run(
-      [sys.executable, "-m", "omnitrain_jax.vocab.build", f"--out={out}",
-       "--max_size=50", str(_shapes(tmp_path)), str(_coco(tmp_path)),
-       str(jsonl)], capture_output=True, text=True, check=False, timeout=120)
-  assert proc.returncode == 0, proc.stderr
-  summary = json.loads(proc.stdout)
-  vocab = Vocabulary.load(out)
-  assert summary["size"] == len(vocab)
-  assert {"red", "circle", "hot dog", "person"} <= set(vocab.tokens)
-  assert vocab.counts[vocab.id("star")] == len(COLORS) + 1
+  vocab, summary = builder.build_vocabulary(files, max_size=100)
+  assert set(vocab.tokens[2:]) == {"red", "blue", "green", "circle", "star",
+                                   "square", "hot dog", "frankfurter", "kite"}
+  assert vocab.counts[vocab.id("red")] == 3 * 2 + 1
+  assert vocab.counts[vocab.id("hot dog")] == 1 + 1
+  assert summary["texts"] == 2
   assert [f["format"] for f in summary["files"]] == [
-      "coco_instances", "coco_instances", "jsonl_captions"]
-  # Bad input: a clear error and a non-zero exit, no traceback.
-  bad = tmp_path / "bad.json"
-  bad.write_text("{}")
-  proc = subprocess.run(
-      [sys.executable, "-m", "omnitrain_jax.vocab.build", f"--out={out}",
-       str(bad)], capture_output=True, text=True, check=False, timeout=120)
-  assert proc.returncode != 0
-  assert "bad.json" in proc.stderr and "Traceback" not in proc.stderr
+      "coco_instances", "lvis", "caption_jsonl"]
+  with pytest.raises(ValueError, match="max_size=2 leaves no room"):
+    builder.build_vocabulary(files, max_size=2)
 
 
 def test_fast_text_counting_equals_tokenizing_every_text():

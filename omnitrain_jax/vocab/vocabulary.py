@@ -11,10 +11,11 @@ File format (``vocab.txt``, UTF-8), one token a line, the line index is the id:
 * A line is ``token`` or ``token<TAB>count``. ``count`` (a non-negative
   integer, default 0) is the token's frequency in the training annotations;
   the input pipeline samples negative tokens by it.
-* Ids 0 (``<pad>``) and 1 (``<unk>``) are reserved (`schema.PAD_ID`,
-  `schema.UNK_ID`); concepts start at id 2 (`NUM_RESERVED`). `save` writes the
-  reserved lines; a hand-written file without them gets them prepended on
-  load (then a concept's id is its line index + 2).
+* Ids 0 (``<pad>``) and 1 (``<unk>``) are reserved (`PAD_ID`, `UNK_ID`,
+  which `data.schema` takes from here); concepts start at id 2
+  (`NUM_RESERVED`). `save` writes the reserved lines; a hand-written file
+  without them gets them prepended on load (then a concept's id is its line
+  index + 2).
 * Tokens are stored normalized (see `text.normalize_concept`): lower case,
   singular, words joined by one space (``hot dog``, ``t-shirt``). The builder
   writes them so; `Vocabulary` checks only cheap invariants (no tabs, no
@@ -35,13 +36,15 @@ import os
 from etils import epath
 import numpy as np
 
-from omnitrain_jax.data import schema
-
 PAD_TOKEN = "<pad>"
 UNK_TOKEN = "<unk>"
 RESERVED_TOKENS = (PAD_TOKEN, UNK_TOKEN)
 NUM_RESERVED = len(RESERVED_TOKENS)
-assert schema.PAD_ID == 0 and schema.UNK_ID == 1
+# The reserved tokens' ids (their line indices).
+PAD_ID = 0
+UNK_ID = 1
+assert RESERVED_TOKENS[PAD_ID] == PAD_TOKEN
+assert RESERVED_TOKENS[UNK_ID] == UNK_TOKEN
 
 # Horizontal-flip pairs, word level; hyphen parts are swapped too
 # ("left-hand" <-> "right-hand"). Compass words do not flip with an image.
@@ -157,13 +160,13 @@ class Vocabulary:
            f"{self.max_concept_words})"
 
   def id(self, token: str) -> int:
-    """The id of `token` (exact, normalized string), `schema.UNK_ID` if absent."""
-    return self._index.get(token, schema.UNK_ID)
+    """The id of `token` (exact, normalized string), `UNK_ID` if absent."""
+    return self._index.get(token, UNK_ID)
 
   def ids(self, tokens: Iterable[str]) -> np.ndarray:
     """int32 [n] ids of `tokens` (UNK_ID for absent ones)."""
     get = self._index.get
-    return np.array([get(t, schema.UNK_ID) for t in tokens], np.int32)
+    return np.array([get(t, UNK_ID) for t in tokens], np.int32)
 
   def token(self, token_id: int) -> str:
     """The token string of an id (raises IndexError when out of range)."""

@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 
-from omnitrain_jax.data import schema
 from omnitrain_jax.vocab import vocabulary
 from omnitrain_jax.vocab.vocabulary import Vocabulary
 
@@ -17,17 +16,18 @@ def _vocab():
 
 def test_reserved_ids_and_lookup():
   v = _vocab()
-  assert v.token(schema.PAD_ID) == "<pad>"
-  assert v.token(schema.UNK_ID) == "<unk>"
+  assert v.token(vocabulary.PAD_ID) == "<pad>"
+  assert v.token(vocabulary.UNK_ID) == "<unk>"
   assert v.id("person") == vocabulary.NUM_RESERVED
   assert v.id("hot dog") == 3
-  assert v.id("no such token") == schema.UNK_ID
+  assert v.id("no such token") == vocabulary.UNK_ID
   assert "hot dog" in v and "hot" not in v
   assert len(v) == 14
   assert v.max_concept_words == 2
   assert v.counts.dtype == np.int64 and v.counts.shape == (14,)
   assert v.counts[:2].tolist() == [0, 0] and v.counts[3] == 10
-  np.testing.assert_array_equal(v.ids(["left", "nope"]), [4, schema.UNK_ID])
+  np.testing.assert_array_equal(v.ids(["left", "nope"]),
+                                [4, vocabulary.UNK_ID])
 
 
 def test_save_load_round_trip(tmp_path):

@@ -1,17 +1,17 @@
 r"""Builds a vocabulary file from training annotations.
 
-    python -m omnitrain_jax.vocab.build --out=vocab.txt --max_size=200000 \
+    python -m omnitrain_jax.data.build_vocab --out=vocab.txt --max_size=200000 \
         instances_train2017.json lvis_v1_train.json \
         final_flickr_separateGT_train.json captions_train2017.json \
         refs\(umd\).p laion_subset.jsonl
 
-Each file's format is sniffed from its content (`builder.read_annotations`).
-Category names become concepts (multi-word names stay whole unless they are
-compositional in their dataset, see `builder`; `--split_categories` splits
-them all), caption and phrase words are counted, and the vocabulary is the
-category concepts followed by the most frequent words (and, with
-`--min_bigram_count`, collocated bigrams), `--max_size` tokens in all. Prints a
-JSON summary on stdout.
+Each file's format is sniffed from its content (`formats.sniff_format`; what
+is taken from each format: `vocab_inputs`). Category names become concepts
+(multi-word names stay whole unless they are compositional in their dataset,
+see `vocab.builder`; `--split_categories` splits them all), caption and phrase
+words are counted, and the vocabulary is the category concepts followed by the
+most frequent words (and, with `--min_bigram_count`, collocated bigrams),
+`--max_size` tokens in all. Prints a JSON summary on stdout.
 """
 
 import json
@@ -20,7 +20,7 @@ import sys
 from absl import app
 from absl import flags
 
-from omnitrain_jax.vocab import builder
+from omnitrain_jax.data import vocab_inputs
 
 _OUT = flags.DEFINE_string("out", None, "Vocabulary file to write.",
                            required=True)
@@ -47,7 +47,7 @@ def main(argv):
   if not paths:
     raise app.UsageError("Give one or more annotation files after the flags.")
   try:
-    vocab, summary = builder.build_vocabulary(
+    vocab, summary = vocab_inputs.build_from_files(
         paths, max_size=_MAX_SIZE.value, split_categories=_SPLIT.value,
         min_count=_MIN_COUNT.value, min_partners=_MIN_PARTNERS.value,
         min_bigram_count=_MIN_BIGRAM.value,
