@@ -19,6 +19,20 @@ orbax's API moves quickly (the legacy `save(step, pytree)` already fails in
   > scratch (returns None; the caller runs its jitted init).
 * `PreemptionGuard`: turns SIGTERM (the preemption notice on Cloud TPU, GKE and
   SLURM) into a stop at a step every process agrees on.
+* Integrity: every save carries `STEP/checksums.json` (size and crc32 of each
+  file), written by process 0 before orbax commits the step. Restores verify
+  it first: a damaged step (flipped bytes, truncated or deleted files) is
+  reported by path, renamed `STEP.damaged` and the previous good step is
+  used; `CheckpointError` names every step only when none is good. Steps
+  without a manifest (older versions) restore unverified, with a warning, and
+  fall back the same way if orbax cannot read them. Readers (`restore_params`,
+  `restore_params_from`) verify too but never rename.
+* `DiskFullError`: a save that fails for lack of space says so, with the
+  directory, the checkpoint's size and the free space.
+* `WorkdirLock`: one trainer per workdir (fcntl lock, released by the kernel
+  when the holder dies). `check_resume`/`check_resume_vocab`: a resumed run
+  may change the batch size, steps, learning rate... (logged, the old config
+  kept as `config.STEP.json`) but not the fields that fix shapes.
 
 Typical loop (every process runs it; orbax coordinates multi-host writes)::
 
@@ -78,11 +92,18 @@ Python handler that sets a flag.
 from __future__ import annotations
 
 import dataclasses
+import errno
+import fcntl
 import importlib.metadata
+import json
 import os
+import shutil
 import signal
+import socket
+import tempfile
 import threading
 import time
+import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -106,6 +127,19 @@ COMMIT_MARKER = 'commit_success.txt'
 TMP_SUFFIX = '.orbax-checkpoint-tmp'
 # Bump when the layout of `meta` or the item names change.
 META_FORMAT_VERSION = 1
+# The checksum manifest of a step: {relative path: [size, crc32]} of every file
+# of the step directory, written before orbax commits the step (see
+# `Checkpointer._write_manifest`), so a finished step always has one; steps of
+# older versions have none and restore "unverified", with a warning.
+MANIFEST = 'checksums.json'
+MANIFEST_FORMAT_VERSION = 1
+# Written or updated by orbax's commit, after the manifest: checked for
+# presence only.
+_UNHASHED = ('_CHECKPOINT_METADATA', COMMIT_MARKER)
+# A damaged step is renamed `STEP.damaged` (kept for inspection, out of orbax's
+# step list, so keep-N rotation never counts it and the step can be redone).
+DAMAGED_SUFFIX = '.damaged'
+LOCK_FILE = 'train.lock'
 
 _COMMIT_MODES = {
     'auto': ocp.options.AtomicityMode.AUTO,
@@ -216,6 +250,151 @@ def replace_fields(state: Any, fields: Mapping[str, Any]) -> Any:
       'struct dataclass or a dataclass as the train state.')
 
 
+class CheckpointError(RuntimeError):
+  """A checkpoint cannot be saved or restored; the message names it and the fix."""
+
+
+class DiskFullError(CheckpointError):
+  """A save failed for lack of space."""
+
+
+def _walk_files(directory: epath.Path, prefix: str = '') -> dict[str, epath.Path]:
+  """Relative path -> file, for every file under `directory` (local or gs://)."""
+  files = {}
+  for child in directory.iterdir():
+    rel = f'{prefix}{child.name}'
+    if child.is_dir():
+      files.update(_walk_files(child, rel + '/'))
+    else:
+      files[rel] = child
+  return files
+
+
+def _file_checksum(path: epath.Path) -> tuple[int, int]:
+  """(size, crc32) of a file, read in 4 MiB blocks."""
+  crc, size = 0, 0
+  with path.open('rb') as f:
+    while block := f.read(1 << 22):
+      crc = zlib.crc32(block, crc)
+      size += len(block)
+  return size, crc
+
+
+def write_manifest(step_dir: epath.PathLike) -> None:
+  """Writes `STEP/checksums.json` over the files of a step directory.
+
+  crc32 (several GB/s, enough to catch flipped, truncated or missing bytes; not
+  a defence against deliberate tampering) and the size of every file, except
+  the files orbax writes or updates when it commits (`_UNHASHED`), which are
+  only required to exist.
+  """
+  step_dir = epath.Path(step_dir)
+  files = {}
+  for rel, path in sorted(_walk_files(step_dir).items()):
+    if rel == MANIFEST or rel in _UNHASHED:
+      continue
+    files[rel] = list(_file_checksum(path))
+  manifest = {'format_version': MANIFEST_FORMAT_VERSION, 'algorithm': 'crc32',
+              'files': files, 'present': list(_UNHASHED)}
+  (step_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+def verify_checkpoint(step_dir: epath.PathLike) -> tuple[bool, list[str]]:
+  """Checks a finished step directory against its checksum manifest.
+
+  Args:
+    step_dir: `checkpoints/STEP`.
+
+  Returns:
+    (verified, problems): problems is empty when the step is usable; verified
+    is False for a step without a manifest (saved by an older version, or
+    copied without it), which is usable but unchecked.
+  """
+  step_dir = epath.Path(step_dir)
+  manifest_path = step_dir / MANIFEST
+  if not manifest_path.exists():
+    problems = [f'{step_dir / name}: missing' for name in ('_CHECKPOINT_METADATA',
+                                                           STATE)
+                if not (step_dir / name).exists()]
+    return False, problems
+  try:
+    manifest = json.loads(manifest_path.read_text())
+    expected = manifest['files']
+  except (ValueError, KeyError, TypeError) as e:
+    return True, [f'{manifest_path}: unreadable manifest ({e})']
+  problems = []
+  for name in manifest.get('present', ()):
+    if not (step_dir / name).exists():
+      problems.append(f'{step_dir / name}: missing')
+  for rel, (size, crc) in expected.items():
+    path = step_dir / rel
+    if not path.exists():
+      problems.append(f'{path}: missing')
+      continue
+    got_size, got_crc = _file_checksum(path)
+    if got_size != size:
+      problems.append(f'{path}: {got_size} bytes, {size} when saved (truncated '
+                      'or overwritten)')
+    elif got_crc != crc:
+      problems.append(f'{path}: checksum mismatch (the bytes changed since the '
+                      'save: disk or copy corruption)')
+  return True, problems
+
+
+def _problems_text(problems: Sequence[str], limit: int = 5) -> str:
+  more = f' (and {len(problems) - limit} more)' if len(problems) > limit else ''
+  return '; '.join(problems[:limit]) + more
+
+
+def _is_disk_full(error: BaseException) -> bool:
+  """Whether `error` or its causes is ENOSPC (OSError, or tensorstore's text)."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC,
+                                                      errno.EDQUOT):
+      return True
+    text = str(error)
+    if ('No space left on device' in text or "os_error_code='28'" in text
+        or 'Disk quota exceeded' in text):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+def _human_bytes(n: float) -> str:
+  for unit in ('B', 'KiB', 'MiB', 'GiB', 'TiB'):
+    if n < 1024 or unit == 'TiB':
+      return f'{n:.0f} {unit}' if unit == 'B' else f'{n:.1f} {unit}'
+    n /= 1024
+  return f'{n} B'
+
+
+def _tree_nbytes(tree: Any) -> int:
+  return int(sum(getattr(leaf, 'nbytes', 0) for leaf in jax.tree.leaves(tree)))
+
+
+def _quarantine(step_dir: epath.Path) -> epath.Path:
+  """Renames a damaged step out of orbax's step list; returns the new path."""
+  target = step_dir.parent / f'{step_dir.name}{DAMAGED_SUFFIX}'
+  n = 1
+  while target.exists():
+    n += 1
+    target = step_dir.parent / f'{step_dir.name}{DAMAGED_SUFFIX}-{n}'
+  step_dir.rename(target)
+  return target
+
+
+def _none_good_error(directory: epath.Path,
+                     bad: Sequence[tuple[epath.Path, str]]) -> CheckpointError:
+  lines = '\n'.join(f'  {path}: {why}' for path, why in bad)
+  return CheckpointError(
+      f'No usable checkpoint in {directory}: every finished step is damaged:\n'
+      f'{lines}\nRestore the files from a copy, or move the damaged steps '
+      'away to start this workdir from scratch (or use a new --workdir, with '
+      '--config.init_from=DIR to start from another run\'s parameters).')
+
+
 class Checkpointer:
   """Async, keep-N, atomic checkpoints of state + data iterator + meta.
 
@@ -274,8 +453,18 @@ class Checkpointer:
         cleanup_tmp_directories=True,
         atomicity_options=ocp.options.AtomicityOptions(
             mode=_COMMIT_MODES[commit_mode]),
+        # Runs on the save thread after every file is written and before the
+        # commit (rename / commit_success.txt): the manifest is part of what
+        # makes a step finished.
+        async_options=(ocp.options.AsyncOptions(
+            post_finalization_callback=self._write_manifest)
+                       if async_save else None),
         create=True,
     )
+    self._async = async_save
+    self._failed = False  # A save error was raised already.
+    # (step, bytes of arrays) of the last save started, for error messages.
+    self._saving: tuple[int, int] | None = None
     self._manager = ocp.CheckpointManager(
         self._directory, item_names=(STATE, DATA_ITER, META), options=options)
 
@@ -289,6 +478,61 @@ class Checkpointer:
 
   def _is_committed(self, step: int) -> bool:
     return (self._step_dir(step) / COMMIT_MARKER).exists()
+
+  def _write_manifest(self) -> None:
+    """Writes the manifest of the step being committed (orbax's save thread).
+
+    Every file is written and orbax has not committed yet, so the step is the
+    newest unfinished one: `STEP.orbax-checkpoint-tmp*` (rename mode) or a
+    `STEP/` without the commit marker (commit-file mode). Process 0 only; it
+    runs after orbax's barrier, when every process's files are in place.
+    """
+    if jax.process_index() != 0:
+      return
+    tmp, in_place = [], []
+    for path in self._directory.iterdir():
+      head = path.name.split('.', 1)[0]
+      if not head.isdigit() or not path.is_dir():
+        continue
+      if TMP_SUFFIX in path.name:
+        tmp.append((int(head), path))
+      elif path.name.isdigit() and not (path / COMMIT_MARKER).exists():
+        in_place.append((int(head), path))
+    candidates = tmp or in_place
+    if not candidates:
+      logging.warning('No unfinished step in %s to write %s into; the step '
+                      'will restore unverified.', self._directory, MANIFEST)
+      return
+    write_manifest(max(candidates, key=lambda c: c[0])[1])
+
+  def _save_failed(self, error: BaseException) -> None:
+    """Re-raises a save error, as a `DiskFullError` when the disk is full."""
+    self._failed = True
+    if not _is_disk_full(error):
+      raise error
+    step, nbytes = self._saving or (-1, 0)
+    try:
+      free = _human_bytes(shutil.disk_usage(os.fspath(self._directory)).free)
+    except (OSError, TypeError, ValueError):  # gs:// and the like.
+      free = 'unknown'
+    latest = committed_steps(self._directory)
+    need = f'{_human_bytes(nbytes)} of arrays'
+    if latest:
+      try:
+        size = sum(p.stat().length for p in _walk_files(
+            self._step_dir(latest[-1])).values())
+        need += f'; step {latest[-1]} takes {_human_bytes(size)} on disk'
+      except Exception:  # pylint: disable=broad-except  # Only a message.
+        pass
+    raise DiskFullError(
+        f'Disk full: saving checkpoint step {step} to {self._directory} failed '
+        f'(No space left on device). A checkpoint of this state needs about '
+        f'{need}, and {free} is free there now (keep-N needs room for one '
+        'more checkpoint than it keeps). Free space (older runs, '
+        f'{self._directory}/*{DAMAGED_SUFFIX}) or move the workdir to a larger '
+        'disk, then run the same command again: it resumes from the last '
+        f'finished checkpoint ({latest[-1] if latest else "none: from scratch"}'
+        '); the torn save is never restored.') from error
 
   def all_steps(self) -> list[int]:
     """Finished, restorable steps, ascending."""
@@ -312,6 +556,49 @@ class Checkpointer:
             'Delete the directory if no process is writing it.',
             self._step_dir(step), COMMIT_MARKER)
     return None
+
+  def latest_good_step(self) -> int | None:
+    """The latest finished step that passes its checksums (process 0 only).
+
+    Damaged newer steps are reported by path and renamed `STEP.damaged`, so
+    that they are never restored, keep-N rotation does not count them (it
+    could otherwise delete the good step restored here) and the resumed run
+    can save those steps again.
+
+    Returns:
+      The step, or None if the directory holds no finished step.
+
+    Raises:
+      CheckpointError: there are finished steps and every one is damaged
+        (nothing is renamed then).
+    """
+    self._manager.wait_until_finished()
+    bad = []
+    for step in reversed(committed_steps(self._directory)):
+      step_dir = self._step_dir(step)
+      verified, problems = verify_checkpoint(step_dir)
+      if problems:
+        bad.append((step_dir, _problems_text(problems)))
+        continue
+      if not verified:
+        logging.warning('Checkpoint %s has no %s (saved by an older version or '
+                        'copied without it): restoring it unverified.',
+                        step_dir, MANIFEST)
+      self._set_aside(bad, f'falling back to step {step} ({step_dir})')
+      return step
+    if bad:
+      raise _none_good_error(self._directory, bad)
+    return None
+
+  def _set_aside(self, bad: Sequence[tuple[epath.Path, str]],
+                 fallback: str) -> None:
+    """Reports damaged steps in one message each and renames them."""
+    for step_dir, why in bad:
+      moved = _quarantine(step_dir)
+      logging.error('Checkpoint %s is damaged (%s): %s; it is kept as %s.',
+                    step_dir, why, fallback, moved)
+    if bad:
+      self._manager.reload()
 
   def maybe_save(self,
                  step: int,
@@ -352,8 +639,21 @@ class Checkpointer:
     }
     if data_iter is not None:
       items[DATA_ITER] = grain.checkpoint.CheckpointSave(data_iter)
-    saved = self._manager.save(step, args=ocp.args.Composite(**items),
-                               force=force)
+    try:
+      # Waits for the previous save first: its error surfaces here.
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      self._save_failed(e)
+    self._saving = (step, _tree_nbytes(state))
+    try:
+      saved = self._manager.save(step, args=ocp.args.Composite(**items),
+                                 force=force)
+    except Exception as e:  # pylint: disable=broad-except
+      self._save_failed(e)
+    if saved and not self._async and jax.process_index() == 0:
+      # Synchronous saves have no pre-commit hook: the step is committed
+      # already, and a crash right here leaves it unverified.
+      write_manifest(self._step_dir(step))
     if saved and jax.process_index() == 0:
       logging.info('Saving checkpoint for step %d to %s.', step,
                    self._step_dir(step))
@@ -362,7 +662,9 @@ class Checkpointer:
   def restore(self,
               step: int | None,
               abstract_state: Any,
-              data_iter: Any = None) -> tuple[Any, dict[str, Any]]:
+              data_iter: Any = None,
+              *,
+              verified_steps: bool = False) -> tuple[Any, dict[str, Any]]:
     """Restores `state` (and `data_iter` in place) from a finished step.
 
     Args:
@@ -372,16 +674,22 @@ class Checkpointer:
         the sharding the checkpoint was saved with.
       data_iter: A fresh grain iterator of the same pipeline to set to the saved
         position, or None to leave the data alone.
+      verified_steps: the caller has checked `step` (`latest_good_step`).
 
     Returns:
       (state, meta): the restored state with the target shardings and the
       saved meta dict.
+
+    Raises:
+      CheckpointError: the step fails its checksums, or orbax cannot read it
+        (one message naming the step; orbax's error is the cause).
     """
     abstract_state = _to_abstract(abstract_state)
     # A step of this run may still be in flight (async): finish it first.
     self._manager.wait_until_finished()
+    explicit = step is not None
     if step is None:
-      step = self.latest_step()
+      step = self.latest_good_step()
       if step is None:
         raise ValueError(
             f'No finished checkpoint in {self._directory}; use '
@@ -391,6 +699,13 @@ class Checkpointer:
       raise ValueError(
           f'Step {step} is not a finished checkpoint in {self._directory}; '
           f'finished steps: {self.all_steps()}.')
+    if explicit and not verified_steps:
+      _, problems = verify_checkpoint(self._step_dir(step))
+      if problems:
+        raise CheckpointError(
+            f'Checkpoint {self._step_dir(step)} is damaged: '
+            f'{_problems_text(problems)}. Restore another step (finished: '
+            f'{self.all_steps()}) or pass step=None for the latest good one.')
     items = {
         STATE: ocp.args.StandardRestore(abstract_state),
         META: ocp.args.JsonRestore(),
@@ -402,19 +717,48 @@ class Checkpointer:
             '(it was saved without an iterator); pass data_iter=None to '
             'restore only the state and start the data from the beginning.')
       items[DATA_ITER] = grain.checkpoint.CheckpointRestore(data_iter)
-    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(
+          f'Restoring checkpoint {self._step_dir(step)} failed: '
+          f'{_first_line(e)}. If the files are damaged, move the step away to '
+          'fall back to the previous one; if the config changed shapes since '
+          'the save, use a new --workdir (with --config.init_from to keep the '
+          'parameters).') from e
     if jax.process_index() == 0:
       logging.info('Restored checkpoint %s.', self._step_dir(step))
     return restored[STATE], dict(restored[META] or {})
 
   def wait(self) -> None:
-    """Blocks until the in-flight async save (if any) is finished."""
-    self._manager.wait_until_finished()
+    """Blocks until the in-flight async save (if any) is finished.
+
+    Raises:
+      DiskFullError: the save failed for lack of space (other save errors are
+        re-raised as they are).
+    """
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      self._save_failed(e)
 
   def close(self) -> None:
-    """Waits for pending saves and releases orbax's threads."""
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """Waits for pending saves and releases orbax's threads.
+
+    A save error already raised to the caller is not raised again.
+    """
+    raised_before = self._failed
+    try:
+      self.wait()
+    except Exception:  # pylint: disable=broad-except
+      if not raised_before:
+        raise
+    finally:
+      try:
+        self._manager.close()
+      except Exception:  # pylint: disable=broad-except
+        if not self._failed:
+          raise
 
   def __enter__(self) -> Checkpointer:
     return self
@@ -444,6 +788,12 @@ class Restored:
   path: str
 
 
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip().splitlines()
+  line = text[0] if text else type(error).__name__
+  return f'{type(error).__name__}: {line[:500]}'
+
+
 def committed_steps(directory: epath.PathLike) -> list[int]:
   """The finished steps of a checkpoints directory, ascending (read-only).
 
@@ -458,7 +808,49 @@ def committed_steps(directory: epath.PathLike) -> list[int]:
                 if p.name.isdigit() and (p / COMMIT_MARKER).exists())
 
 
-def _resolve_init_from(path: epath.PathLike) -> tuple[epath.Path, int]:
+def _check_or_raise(step_dir: epath.Path) -> None:
+  """Raises CheckpointError if `step_dir` fails its checksums."""
+  verified, problems = verify_checkpoint(step_dir)
+  if problems:
+    raise CheckpointError(
+        f'Checkpoint {step_dir} is damaged: {_problems_text(problems)}. '
+        f'Use another step (finished: {committed_steps(step_dir.parent)}).')
+  if not verified and jax.process_index() == 0:
+    logging.warning('Checkpoint %s has no %s: reading it unverified.',
+                    step_dir, MANIFEST)
+
+
+def _latest_good_readonly(directory: epath.Path) -> int | None:
+  """The newest step of `directory` that passes its checksums; renames none.
+
+  For readers (evaluation, prediction, init_from) that must not touch a
+  directory a trainer may be using. Damaged newer steps are logged.
+
+  Raises:
+    CheckpointError: every finished step is damaged.
+  """
+  bad = []
+  for step in reversed(committed_steps(directory)):
+    step_dir = directory / str(step)
+    verified, problems = verify_checkpoint(step_dir)
+    if problems:
+      bad.append((step_dir, _problems_text(problems)))
+      continue
+    if jax.process_index() == 0:
+      for bad_dir, why in bad:
+        logging.error('Checkpoint %s is damaged (%s): using step %d (%s) '
+                      'instead.', bad_dir, why, step, step_dir)
+      if not verified:
+        logging.warning('Checkpoint %s has no %s: reading it unverified.',
+                        step_dir, MANIFEST)
+    return step
+  if bad:
+    raise _none_good_error(directory, bad)
+  return None
+
+
+def _resolve_init_from(path: epath.PathLike,
+                       verify: bool = True) -> tuple[epath.Path, int]:
   """Returns (checkpoints dir, step) for a step dir, checkpoints dir or workdir."""
   path = epath.Path(path)
   if (path / STATE).is_dir():
@@ -470,22 +862,26 @@ def _resolve_init_from(path: epath.PathLike) -> tuple[epath.Path, int]:
     if not (path / COMMIT_MARKER).exists():
       raise ValueError(f'init_from={path} has no {COMMIT_MARKER}: the save did '
                        'not finish. Use another step.')
+    if verify:
+      _check_or_raise(path)
     return path.parent, int(path.name)
   if (path / CHECKPOINT_SUBDIR).is_dir():
     path = path / CHECKPOINT_SUBDIR
   if not path.is_dir():
     raise ValueError(f'init_from={path} does not exist.')
-  steps = committed_steps(path)
-  if not steps:
+  step = _latest_good_readonly(path)
+  if step is None:
     raise ValueError(
         f'init_from={path} holds no finished checkpoint (no STEP/{COMMIT_MARKER}'
         '); point it at a run workdir, its checkpoints/ or a STEP directory.')
-  return path, max(steps)
+  return path, step
 
 
 def restore_params_from(init_from: epath.PathLike,
                         abstract_state: Any,
-                        keys: Sequence[str] = ('params',)) -> Restored:
+                        keys: Sequence[str] = ('params',),
+                        *,
+                        verify: bool = True) -> Restored:
   """Restores only `keys` of another run's `state` (e.g. for fine-tuning).
 
   Args:
@@ -495,11 +891,16 @@ def restore_params_from(init_from: epath.PathLike,
       (with their target shardings). The checkpoint may hold more (optimizer
       state, other heads): only these keys are read.
     keys: Top-level fields of the state to restore.
+    verify: check the step's checksums (False: the caller did).
 
   Returns:
     `Restored(source='init_from', step=0, state={key: subtree}, ...)`.
+
+  Raises:
+    CheckpointError: the step is damaged or orbax cannot read it (for a
+      workdir or checkpoints directory, damaged newer steps are skipped).
   """
-  directory, step = _resolve_init_from(init_from)
+  directory, step = _resolve_init_from(init_from, verify=verify)
   target = {k: _get_field(abstract_state, k) for k in keys}
   target = _to_abstract(target)
   manager = ocp.CheckpointManager(
@@ -519,6 +920,11 @@ def restore_params_from(init_from: epath.PathLike,
                 META:
                     ocp.args.JsonRestore(),
             }))
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(
+        f'Restoring {list(keys)} from checkpoint {directory / str(step)} '
+        f'failed: {_first_line(e)}. If the config changed shapes since that '
+        'save, the parameters do not fit this model.') from e
   finally:
     manager.close()
   path = str(directory / str(step))
@@ -551,13 +957,14 @@ def restore_params(workdir: str, abstract_state: Any,
   if not steps:
     raise ValueError(f'No finished checkpoint in {directory}; train first or '
                      'fix --workdir.')
+  verify = step is not None
   if step is None:
-    step = steps[-1]
+    step = _latest_good_readonly(directory)  # Verified.
   if step not in steps:
     raise ValueError(f'--checkpoint_step={step} is not a finished checkpoint '
                      f'in {workdir}; finished steps: {steps}.')
   restored = restore_params_from(directory / str(step), abstract_state,
-                                 keys=('params',))
+                                 keys=('params',), verify=verify)
   return restored.state['params'], int(step)
 
 
@@ -585,23 +992,58 @@ def restore_or_init(checkpointer: Checkpointer,
   Returns:
     A `Restored`, or None when the caller should initialize from scratch.
   """
-  step = checkpointer.latest_step()
-  if jax.process_count() > 1:
-    # Every process lists the directory itself; take process 0's answer so an
-    # inconsistent listing cannot send processes to different steps.
-    step = int(multihost_utils.broadcast_one_to_all(
-        np.int64(-1 if step is None else step)))
-    step = None if step < 0 else step
-  if step is not None:
-    state, meta = checkpointer.restore(step, abstract_state, data_iter)
+  while True:
+    step = _agreed_good_step(checkpointer)
+    if step is None:
+      break
+    step_dir = checkpointer.directory / str(step)
+    try:
+      state, meta = checkpointer.restore(step, abstract_state, data_iter,
+                                         verified_steps=True)
+    except CheckpointError as e:
+      # A verified step that orbax cannot read does not match the target
+      # (e.g. changed shapes): no fall-back, that would set aside good steps.
+      # An unverified one (no manifest) may be damaged: set it aside, try the
+      # previous one. One process only: processes must fall back together.
+      if (jax.process_count() > 1 or (step_dir / MANIFEST).exists()
+          or not (step_dir / COMMIT_MARKER).exists()):
+        raise
+      checkpointer._set_aside(  # pylint: disable=protected-access
+          [(step_dir, str(e.__cause__ or e)[:300])],
+          'falling back to the previous step')
+      continue
     return Restored(source='workdir', step=step, state=state, meta=meta,
-                    path=str(checkpointer.directory / str(step)))
+                    path=str(step_dir))
   if init_from:
     return restore_params_from(init_from, abstract_state, init_from_keys)
   if jax.process_index() == 0:
     logging.info('No checkpoint in %s and no init_from: starting from scratch.',
                  checkpointer.directory)
   return None
+
+
+def _agreed_good_step(checkpointer: Checkpointer) -> int | None:
+  """Process 0's `latest_good_step()`, on every process."""
+  if jax.process_count() == 1:
+    return checkpointer.latest_good_step()
+  error, step = None, None
+  if jax.process_index() == 0:
+    try:
+      step = checkpointer.latest_good_step()
+    except CheckpointError as e:
+      error = e
+  # Process 0 verifies (and sets damaged steps aside); its answer is taken, so
+  # an inconsistent listing cannot send processes to different steps.
+  code = -2 if error else (-1 if step is None else step)
+  code = int(multihost_utils.broadcast_one_to_all(np.int64(code)))
+  if error is not None:
+    raise error
+  if code == -2:
+    raise CheckpointError(
+        f'Process 0 found no usable checkpoint in {checkpointer.directory}; '
+        'its log names the damaged steps.')
+  checkpointer._manager.reload()  # pylint: disable=protected-access
+  return None if code == -1 else code
 
 
 class PreemptionGuard:
@@ -671,3 +1113,239 @@ class PreemptionGuard:
 
   def __exit__(self, *exc_info) -> None:
     self.close()
+
+
+# ------------------------------------------------- one trainer per workdir
+
+
+class WorkdirInUseError(RuntimeError):
+  """Another live trainer holds the workdir."""
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # Alive, another user's.
+    return True
+  return True
+
+
+class WorkdirLock:
+  """`WORKDIR/train.lock`: refuses a second trainer on the same workdir.
+
+  An fcntl (POSIX record) lock on the file, held for the whole run: the kernel
+  drops it when the process dies, however it dies, so a crashed run never
+  leaves it stuck; it is not inherited by forked data workers. The file
+  names the holder (pid, host, start time) for the error message. Where the
+  filesystem has no locks (ENOLCK, some network mounts), the recorded pid is
+  checked instead when it is on this host. Not taken on `gs://` workdirs.
+
+  Only process 0 of a multi-process job takes it (`enabled`).
+  """
+
+  def __init__(self, workdir: str, *, enabled: bool = True):
+    self._path = epath.Path(workdir) / LOCK_FILE
+    self._enabled = enabled and '://' not in str(workdir)
+    self._fd: int | None = None
+
+  @property
+  def path(self) -> epath.Path:
+    return self._path
+
+  def _holder(self) -> dict[str, Any]:
+    try:
+      return json.loads(self._path.read_text() or '{}')
+    except (OSError, ValueError):
+      return {}
+
+  def _refuse(self, holder: Mapping[str, Any]) -> None:
+    since = holder.get('started')
+    since = (time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(since))
+             if isinstance(since, (int, float)) else 'unknown')
+    raise WorkdirInUseError(
+        f'Workdir {self._path.parent} is in use by pid '
+        f'{holder.get("pid", "?")} on host {holder.get("host", "?")} '
+        f'(running since {since}; lock {self._path}). Two trainers on one '
+        'workdir would write the same checkpoints and logs: wait for that run '
+        'to finish, stop it, or use another --workdir.')
+
+  def acquire(self) -> None:
+    """Takes the lock or raises `WorkdirInUseError` naming the holder."""
+    if not self._enabled or self._fd is not None:
+      return
+    fd = os.open(os.fspath(self._path), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      if e.errno == errno.ENOLCK:  # No locks here: trust a live local pid.
+        holder = self._holder()
+        if (holder.get('host') == socket.gethostname()
+            and isinstance(holder.get('pid'), int)
+            and holder['pid'] != os.getpid() and _pid_alive(holder['pid'])):
+          os.close(fd)
+          self._refuse(holder)
+        logging.warning('%s: the filesystem has no locks; checked the pid '
+                        'only.', self._path)
+      else:
+        os.close(fd)
+        if e.errno not in (errno.EACCES, errno.EAGAIN):
+          raise
+        self._refuse(self._holder())
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps({'pid': os.getpid(), 'host': socket.gethostname(),
+                             'started': time.time()}).encode())
+    os.fsync(fd)
+    self._fd = fd
+
+  def release(self) -> None:
+    if self._fd is None:
+      return
+    try:
+      fcntl.lockf(self._fd, fcntl.LOCK_UN)
+    except OSError:
+      pass
+    os.close(self._fd)
+    self._fd = None
+
+  def __enter__(self) -> WorkdirLock:
+    self.acquire()
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.release()
+
+
+# ------------------------------------------ resuming with a changed config
+
+# Fields that fix the shapes of the saved state (or what its rows mean, like
+# the vocabulary): a run cannot resume across a change of them.
+_SHAPE_PREFIXES = ('model.', 'data.spec.', 'data.vocab.')
+# `model` fields that change computation, not shapes.
+_MODEL_RUNTIME_FIELDS = ('model.dtype', 'model.remat', 'model.remat_policy',
+                         'model.dropout', 'model.droppath')
+
+
+class ResumeConfigError(ValueError):
+  """The new config changes the shapes of a checkpointed run."""
+
+
+def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
+  if isinstance(tree, Mapping) and tree:
+    out = {}
+    for key, value in tree.items():
+      out.update(_flatten(value, f'{prefix}{key}.'))
+    return out
+  return {prefix[:-1]: tree}
+
+
+def changes_shapes(field: str) -> bool:
+  """Whether a (dotted) config field fixes shapes of the saved state."""
+  return (field.startswith(_SHAPE_PREFIXES)
+          and field not in _MODEL_RUNTIME_FIELDS)
+
+
+def config_changes(saved: Mapping[str, Any],
+                   new: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+  """[(dotted field, saved value, new value)] of the fields that differ."""
+  absent = '(absent)'
+  a, b = _flatten(to_jsonable(saved)), _flatten(to_jsonable(new))
+  return [(k, a.get(k, absent), b.get(k, absent)) for k in sorted(set(a) | set(b))
+          if a.get(k, absent) != b.get(k, absent)]
+
+
+def check_resume_config(workdir: str, saved: Mapping[str, Any],
+                        new: Mapping[str, Any]) -> list[str]:
+  """Compares a workdir's saved config with the config resuming it.
+
+  Args:
+    workdir: the run's directory (for messages).
+    saved: the saved config (``WORKDIR/config.json``) as a dict.
+    new: the new config as a dict.
+
+  Returns:
+    The accepted changes, one 'field: old -> new' line each (empty when the
+    configs are equal).
+
+  Raises:
+    ResumeConfigError: a field that fixes shapes changed; every such field is
+      named, with the way out.
+  """
+  changes = config_changes(saved, new)
+  refused = [f'{k}: {old!r} -> {new_value!r}' for k, old, new_value in changes
+             if changes_shapes(k)]
+  if refused:
+    lines = '\n  '.join(refused)
+    raise ResumeConfigError(
+        f'{workdir} holds checkpoints of a run whose config differs in fields '
+        f'that fix the shapes of the saved state:\n  {lines}\nResuming would '
+        'not fit the checkpoint. Revert these fields to resume, or train the '
+        'new config in a new --workdir (--config.init_from='
+        f'{workdir} starts it from this run\'s parameters, if their shapes '
+        'still fit the new model).')
+  return [f'{k}: {old!r} -> {new_value!r}' for k, old, new_value in changes]
+
+
+def _has_checkpoint(workdir: str) -> bool:
+  return bool(committed_steps(epath.Path(workdir) / CHECKPOINT_SUBDIR))
+
+
+def check_resume(workdir: str, config: Any) -> str | None:
+  """Compares `WORKDIR/config.json` with the config starting in `workdir`.
+
+  Every process may call it (it only reads). When the workdir has a
+  checkpoint, a changed field that fixes shapes raises; any other change is
+  logged, one field a line.
+
+  Args:
+    workdir: the run's directory.
+    config: the new `ml_collections.ConfigDict`.
+
+  Returns:
+    The saved config's text when it differs (the caller keeps it beside the
+    new one, as `config.STEP.json`), else None.
+
+  Raises:
+    ResumeConfigError: see `check_resume_config`.
+  """
+  path = epath.Path(workdir) / 'config.json'
+  if not path.exists():
+    return None
+  text = path.read_text()
+  saved = json.loads(text)
+  new = json.loads(config.to_json_best_effort())
+  if _has_checkpoint(workdir):
+    changed = check_resume_config(workdir, saved, new)
+  else:  # Nothing to resume: any change is fine, still recorded.
+    changed = [f'{k}: {a!r} -> {b!r}' for k, a, b in config_changes(saved, new)]
+  if changed and jax.process_index() == 0:
+    logging.warning('The config differs from the one saved in %s:\n  %s',
+                    path, '\n  '.join(changed))
+  return text if changed else None
+
+
+def check_resume_vocab(workdir: str, vocab: Any) -> None:
+  """Refuses to resume a run whose vocabulary (the token rows) changed.
+
+  Args:
+    workdir: the run's directory, with the `vocab.txt` it was trained with.
+    vocab: the vocabulary of the new run (anything with `save(path)`).
+
+  Raises:
+    ResumeConfigError: the workdir has a checkpoint and its vocab.txt differs.
+  """
+  saved = epath.Path(workdir) / 'vocab.txt'
+  if not saved.exists() or not _has_checkpoint(workdir):
+    return
+  with tempfile.TemporaryDirectory() as tmp:
+    vocab.save(os.path.join(tmp, 'vocab.txt'))
+    with open(os.path.join(tmp, 'vocab.txt'), encoding='utf-8') as f:
+      new = f.read()
+  if new != saved.read_text():
+    raise ResumeConfigError(
+        f'The vocabulary built from the data ({len(vocab)} entries) differs '
+        f'from the one this run was trained with ({saved}): the token rows of '
+        'the checkpoint would change meaning. Restore the training data (or '
+        'set config.data.vocab.path to the saved vocab.txt) to resume, or use '
+        'a new --workdir.')

@@ -487,3 +487,276 @@ def test_two_processes_without_preemption_service_agree_by_all_gather():
     assert proc.returncode == 0, stderr[-3000:]
   # Process 0 never got a signal; it stops because process 1 did.
   assert [_last_json(out)['stopped_at'] for out, _ in outputs] == [3, 3]
+
+
+# ------------------------------------------------- integrity and fall-back
+
+
+def _largest_state_file(step_dir):
+  files = [p for p in (step_dir / 'state').rglob('*') if p.is_file()]
+  return max(files, key=lambda p: p.stat().st_size)
+
+
+def _damage(step_dir, how):
+  """What disks, copies and users do to a finished step."""
+  if how == 'bitflip':  # 64 bytes in the largest array file.
+    path = _largest_state_file(step_dir)
+    data = bytearray(path.read_bytes())
+    start = len(data) // 2
+    for i in range(start, min(start + 64, len(data))):
+      data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+  elif how == 'truncate':
+    path = _largest_state_file(step_dir)
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+  elif how == 'delete_file':
+    _largest_state_file(step_dir).unlink()
+  elif how == 'delete_metadata':
+    (step_dir / 'state' / '_METADATA').unlink()
+  else:
+    raise ValueError(how)
+
+
+def _big_state(scale):
+  # Large enough that the arrays land in their own files.
+  return {'params': {'w': jnp.arange(4096.0).reshape(64, 64) * scale},
+          'step': jnp.asarray(int(scale), jnp.int32)}
+
+
+@pytest.mark.parametrize(
+    'how', ['bitflip', 'truncate', 'delete_file', 'delete_metadata'])
+def test_damaged_latest_checkpoint_is_skipped_set_aside_and_redone(
+    tmp_path, how, caplog):
+  abstract = _abstract(_big_state(1.0))
+  with checkpointing.Checkpointer(tmp_path, save_every_steps=1,
+                                  max_to_keep=2) as ckpt:
+    for step in (1, 2, 3):
+      ckpt.maybe_save(step, _big_state(float(step)))
+  root = tmp_path / 'checkpoints'
+  assert checkpointing.verify_checkpoint(root / '3') == (True, [])
+  _damage(root / '3', how)
+  verified, problems = checkpointing.verify_checkpoint(root / '3')
+  assert verified and problems, problems
+
+  with checkpointing.Checkpointer(tmp_path, save_every_steps=1,
+                                  max_to_keep=2) as ckpt:
+    got = checkpointing.restore_or_init(ckpt, abstract)
+    assert got.step == 2
+    np.testing.assert_array_equal(got.state['params']['w'],
+                                  _big_state(2.0)['params']['w'])
+    # The damaged step is kept aside, out of the step list: rotation cannot
+    # count it (and delete step 2 for it), and the run can save step 3 again.
+    assert not (root / '3').exists() and (root / '3.damaged').is_dir()
+    assert ckpt.all_steps() == [2]
+    assert ckpt.maybe_save(3, _big_state(3.0))
+    ckpt.wait()
+    assert ckpt.all_steps() == [2, 3]
+  messages = [r.getMessage() for r in caplog.records
+              if 'is damaged' in r.getMessage()]
+  assert len(messages) == 1, messages
+  assert str(root / '3') in messages[0]
+  assert 'falling back to step 2' in messages[0]
+  assert (root / '3.damaged').is_dir()  # Orbax's cleanup leaves it alone.
+  # The redone step is good.
+  with checkpointing.Checkpointer(tmp_path, save_every_steps=1) as ckpt:
+    assert checkpointing.restore_or_init(ckpt, abstract).step == 3
+
+
+def test_every_checkpoint_damaged_is_one_error_naming_each(tmp_path):
+  with checkpointing.Checkpointer(tmp_path, save_every_steps=1) as ckpt:
+    ckpt.maybe_save(1, _big_state(1.0))
+    ckpt.maybe_save(2, _big_state(2.0))
+  root = tmp_path / 'checkpoints'
+  _damage(root / '1', 'truncate')
+  _damage(root / '2', 'bitflip')
+  with checkpointing.Checkpointer(tmp_path, save_every_steps=1) as ckpt:
+    with pytest.raises(checkpointing.CheckpointError) as e:
+      checkpointing.restore_or_init(ckpt, _abstract(_big_state(1.0)))
+  text = str(e.value)
+  assert f'{root / "1"}' in text and f'{root / "2"}' in text
+  assert 'truncated' in text and 'checksum mismatch' in text
+  assert 'init_from' in text
+  assert sorted(p.name for p in root.iterdir()) == ['1', '2']  # Untouched.
+
+
+def test_restore_params_and_init_from_skip_damaged_steps(tmp_path):
+  abstract = _abstract(_big_state(1.0))
+  with checkpointing.Checkpointer(tmp_path, save_every_steps=1) as ckpt:
+    ckpt.maybe_save(1, _big_state(1.0))
+    ckpt.maybe_save(2, _big_state(2.0))
+  root = tmp_path / 'checkpoints'
+  _damage(root / '2', 'bitflip')
+  params, step = checkpointing.restore_params(str(tmp_path), abstract)
+  assert step == 1
+  np.testing.assert_array_equal(params['w'], _big_state(1.0)['params']['w'])
+  with pytest.raises(checkpointing.CheckpointError, match='checksum mismatch'):
+    checkpointing.restore_params(str(tmp_path), abstract, step=2)
+  got = checkpointing.restore_params_from(tmp_path, abstract)
+  assert got.path == str(root / '1')
+  with pytest.raises(checkpointing.CheckpointError, match='is damaged'):
+    checkpointing.restore_params_from(root / '2', abstract)
+  assert (root / '2').is_dir()  # Readers never move steps.
+
+
+def test_checkpoint_without_manifest_restores_unverified_or_falls_back(
+    tmp_path, caplog):
+  abstract = _abstract(_big_state(1.0))
+  with checkpointing.Checkpointer(tmp_path, save_every_steps=1) as ckpt:
+    ckpt.maybe_save(1, _big_state(1.0))
+    ckpt.maybe_save(2, _big_state(2.0))
+  root = tmp_path / 'checkpoints'
+  # A step saved before manifests existed: restored, with a warning.
+  (root / '2' / checkpointing.MANIFEST).unlink()
+  assert checkpointing.verify_checkpoint(root / '2') == (False, [])
+  with checkpointing.Checkpointer(tmp_path, save_every_steps=1) as ckpt:
+    assert checkpointing.restore_or_init(ckpt, abstract).step == 2
+  assert any('unverified' in r.getMessage() for r in caplog.records)
+  # Unverified and unreadable: orbax's failure is one message, and the
+  # previous step is used.
+  _damage(root / '2', 'truncate')
+  with checkpointing.Checkpointer(tmp_path, save_every_steps=1) as ckpt:
+    got = checkpointing.restore_or_init(ckpt, abstract)
+  assert got.step == 1
+  assert (root / '2.damaged').is_dir()
+
+
+def test_sync_saves_write_the_manifest_too(tmp_path):
+  with checkpointing.Checkpointer(tmp_path, save_every_steps=1,
+                                  async_save=False) as ckpt:
+    ckpt.maybe_save(1, _big_state(1.0))
+  step_dir = tmp_path / 'checkpoints' / '1'
+  assert (step_dir / checkpointing.MANIFEST).exists()
+  assert checkpointing.verify_checkpoint(step_dir) == (True, [])
+
+
+# ------------------------------------------------------------ disk full
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 600 KiB tmpfs (root only; skipped where mounting is not allowed)."""
+  mount = tmp_path / 'disk'
+  mount.mkdir()
+  proc = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=600k', 'tmpfs',
+                         str(mount)], capture_output=True, text=True,
+                        check=False)
+  if proc.returncode != 0:
+    pytest.skip(f'cannot mount a tmpfs here: {proc.stderr.strip()}')
+  try:
+    yield mount
+  finally:
+    subprocess.run(['umount', '-l', str(mount)], check=False)
+
+
+# Orbax's cancelled write coroutines are collected with a warning.
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+def test_disk_full_is_one_clear_error_and_the_torn_save_is_never_restored(
+    small_disk):
+  small = {'w': jnp.ones(16)}
+  # Random values (incompressible): ~1.6 MB, more than the disk.
+  big = {'w': jax.random.normal(jax.random.key(0), (400, 1000))}
+  ckpt = checkpointing.Checkpointer(small_disk, save_every_steps=1)
+  ckpt.maybe_save(1, small)
+  ckpt.wait()
+  ckpt.maybe_save(2, big)
+  with pytest.raises(checkpointing.DiskFullError) as e:
+    ckpt.wait()
+  ckpt.close()  # Does not raise the same error twice.
+  text = str(e.value)
+  assert 'Disk full' in text
+  assert str(small_disk / 'checkpoints') in text
+  assert '1.5 MiB' in text  # 400 * 1000 float32.
+  assert 'last finished checkpoint (1)' in text
+  with checkpointing.Checkpointer(small_disk, save_every_steps=1) as ckpt:
+    got = checkpointing.restore_or_init(ckpt, _abstract(small))
+    assert got.step == 1
+    np.testing.assert_array_equal(got.state['w'], small['w'])
+
+
+def test_disk_full_is_recognised_in_tensorstore_and_os_errors():
+  # The text tensorstore raises (captured on a full tmpfs).
+  ts = ValueError('RESOURCE_EXHAUSTED: Error writing "w/0.0" in OCDBT database'
+                  ': Failed to write 889219 bytes to file 4: No space left on '
+                  "device [os_error_code='28']")
+  assert checkpointing._is_disk_full(ts)
+  wrapped = RuntimeError('save failed')
+  wrapped.__cause__ = OSError(28, 'No space left on device')
+  assert checkpointing._is_disk_full(wrapped)
+  assert not checkpointing._is_disk_full(ValueError('shape mismatch'))
+
+
+# ---------------------------------------------- workdir lock, resume config
+
+_LOCK_HOLDER = """
+import sys, time
+from omnitrain_jax import checkpointing
+lock = checkpointing.WorkdirLock(sys.argv[1])
+lock.acquire()
+print('LOCKED', flush=True)
+time.sleep(600)
+"""
+
+
+def test_workdir_lock_names_the_holder_and_dies_with_it(tmp_path):
+  holder = subprocess.Popen(
+      [sys.executable, '-c', textwrap.dedent(_LOCK_HOLDER), str(tmp_path)],
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == 'LOCKED', holder.stderr.read()
+    with pytest.raises(checkpointing.WorkdirInUseError) as e:
+      checkpointing.WorkdirLock(str(tmp_path)).acquire()
+    assert f'in use by pid {holder.pid} on host {socket.gethostname()}' in str(
+        e.value)
+    # Only process 0 takes the lock.
+    checkpointing.WorkdirLock(str(tmp_path), enabled=False).acquire()
+  finally:
+    holder.kill()  # A crash: nothing released by the holder itself.
+    holder.communicate()
+  with checkpointing.WorkdirLock(str(tmp_path)):
+    pass  # Not left stuck.
+
+
+def test_resume_config_refuses_shape_fields_and_lists_the_others():
+  saved = {'model': {'width': 32, 'depth': 2, 'dtype': 'float32'},
+           'data': {'spec': {'image_size': 64}, 'batch': {'det': 4}},
+           'batch_size': 8, 'optimizer': {'learning_rate': 1e-3}}
+  assert checkpointing.check_resume_config('W', saved, saved) == []
+  accepted = dict(saved, batch_size=16,
+                  optimizer={'learning_rate': 5e-4},
+                  model=dict(saved['model'], dtype='bfloat16'))
+  assert checkpointing.check_resume_config('W', saved, accepted) == [
+      'batch_size: 8 -> 16', 'model.dtype: \'float32\' -> \'bfloat16\'',
+      'optimizer.learning_rate: 0.001 -> 0.0005']
+  refused = dict(saved, batch_size=16,
+                 model=dict(saved['model'], width=48),
+                 data={'spec': {'image_size': 96}, 'batch': {'det': 4}})
+  with pytest.raises(checkpointing.ResumeConfigError) as e:
+    checkpointing.check_resume_config('W', saved, refused)
+  text = str(e.value)
+  assert 'model.width: 32 -> 48' in text
+  assert 'data.spec.image_size: 64 -> 96' in text
+  assert 'batch_size' not in text  # Only the refused fields.
+  assert '--workdir' in text and 'init_from' in text
+
+
+def test_disk_full_without_a_tmpfs_simulated_in_the_save_thread(
+    tmp_path, monkeypatch):
+  # Where a tmpfs cannot be mounted (not root): ENOSPC raised by the last
+  # write before orbax's commit (the manifest, on orbax's save thread).
+  state = {'w': jnp.ones(16)}
+  ckpt = checkpointing.Checkpointer(tmp_path, save_every_steps=1)
+  ckpt.maybe_save(1, state)
+  ckpt.wait()
+
+  def full(step_dir):
+    raise OSError(28, 'No space left on device', str(step_dir))
+
+  monkeypatch.setattr(checkpointing, 'write_manifest', full)
+  ckpt.maybe_save(2, state)
+  with pytest.raises(checkpointing.DiskFullError, match='Disk full'):
+    ckpt.wait()
+  ckpt.close()
+  monkeypatch.undo()
+  with checkpointing.Checkpointer(tmp_path, save_every_steps=1) as ckpt:
+    assert ckpt.all_steps() == [1]  # The torn step 2 is not a step.
+    assert checkpointing.restore_or_init(ckpt, _abstract(state)).step == 1

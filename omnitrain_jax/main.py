@@ -7,6 +7,9 @@ e.g. ``--config.total_steps=1000``; the config is locked, so a mistyped field
 fails instead of being silently added.
 """
 
+import os
+import sys
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -39,8 +42,21 @@ def main(argv):
                                  _PROCESS_ID.value, _DISTRIBUTED.value)
   logging.info("JAX process %d / %d, local devices %s", jax.process_index(),
                jax.process_count(), jax.local_devices())
+  from omnitrain_jax import checkpointing  # pylint: disable=g-import-not-at-top
   from omnitrain_jax import train  # pylint: disable=g-import-not-at-top
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (checkpointing.CheckpointError, checkpointing.WorkdirInUseError,
+          checkpointing.ResumeConfigError) as e:
+    # The message names the path, what is wrong and the fix; the traceback
+    # (orbax's, for a failed save) only with --verbosity=1.
+    logging.debug("Traceback:", exc_info=True)
+    sys.stdout.flush()
+    sys.stderr.write(f"\nError: {e}\n")
+    sys.stderr.flush()
+    # Not sys.exit: orbax's threads of a failed save would print pages of
+    # "Event loop is closed" while the interpreter shuts down.
+    os._exit(1)  # pylint: disable=protected-access
 
 
 if __name__ == "__main__":

@@ -109,13 +109,26 @@ def _check_nonfinite(history, first_step: int, limit: int, run: int) -> int:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains (resuming if `workdir` has a checkpoint); returns the last metrics."""
+  """Trains (resuming if `workdir` has a checkpoint); returns the last metrics.
+
+  Refuses to start when another trainer holds the workdir
+  (`checkpointing.WorkdirLock`, taken by process 0) or when resuming with a
+  config that changes the shapes of the saved state.
+  """
   workdir = os.path.abspath(workdir) if "://" not in workdir else workdir
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  with checkpointing.WorkdirLock(workdir, enabled=jax.process_index() == 0):
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   lead = jax.process_index() == 0
   check_config(config)
+  # Resuming: refuses config changes that change shapes, logs the others.
+  old_config = checkpointing.check_resume(workdir, config)
   # ---------------------------------------------------------------- data
   info = preparation.prepare_data(config.data)
+  checkpointing.check_resume_vocab(workdir, info.vocab)
   stats = stats_lib.PipelineStats()
   train_iter = iter(pipeline.make_train_dataset(config.data, info, stats=stats))
   # ------------------------------------- mesh, model, state, jitted step
@@ -140,6 +153,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if lead:
     logging.info("Starting at step %d of %d in %s", start_step,
                  config.total_steps, workdir)
+    if old_config is not None:  # The config until this step, kept.
+      kept = epath.Path(workdir) / f"config.{start_step}.json"
+      kept.write_text(old_config)
+      logging.info("Kept the previous config as %s.", kept)
     (epath.Path(workdir) / "config.json").write_text(
         config.to_json_best_effort(indent=2))
     # With the config, the vocabulary makes the workdir self-contained for
@@ -160,6 +177,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   last: dict[str, Any] = {}
   nonfinite_run = 0
   guard = checkpointing.PreemptionGuard()
+  ok = False  # No error on the way out: then log-flush errors are raised.
   try:
     while step < config.total_steps:
       profiler(step, block_on=state)
@@ -199,12 +217,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if stop:
         logging.info("Preemption/stop requested: saved step %d, exiting.", step)
         break
+    ok = True
   finally:
     guard.close()
     profiler.stop()
-    ckpt.close()
-    writer.flush()
-    writer.close()
+    try:
+      ckpt.close()  # Raises a failed last save (e.g. DiskFullError)...
+    except Exception:
+      ok = False
+      raise
+    finally:  # ...after the logs are flushed.
+      try:
+        writer.flush()
+        writer.close()
+      except OSError:
+        if ok:
+          raise
+        # E.g. the full disk of the error being raised: that one is the news.
+        logging.exception("Could not flush the logs after the error below.")
   if lead:
     logging.info("%s", stats.report())
   return {"step": step, **last}

@@ -1,0 +1,214 @@
+"""Whole-program fault tests: damaged checkpoints, a full disk, two trainers on
+one workdir, resuming with a changed config.
+
+Each case runs the real entry point (`python -m omnitrain_jax.main`) on the
+tiny ShapesWorld config and ends either in one clear error or in a reported
+recovery after which the per-step losses equal those of the uninterrupted run.
+"""
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = str(REPO / "configs" / "shapes_demo.py") + ":tiny"
+# Checkpoints at 2, 4, 6, 8 (the last 3 kept), a metrics line every step.
+FLAGS = ("--config.total_steps=8", "--config.log_every_steps=1",
+         "--config.checkpoint_every_steps=2")
+
+
+def _env() -> dict[str, str]:
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+  return env
+
+
+def _cmd(workdir, cache_dir, *overrides) -> list[str]:
+  return [sys.executable, "-m", "omnitrain_jax.main", f"--config={CONFIG}",
+          f"--workdir={workdir}", f"--config.data.cache_dir={cache_dir}",
+          *FLAGS, *overrides]
+
+
+def _run(cmd, check=True, timeout=600) -> subprocess.CompletedProcess:
+  proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True,
+                        timeout=timeout, cwd=str(REPO))
+  if check:
+    assert proc.returncode == 0, proc.stderr[-4000:]
+  return proc
+
+
+def _rows(workdir) -> list[dict]:
+  """The train lines of metrics.jsonl, in order (each must be valid JSON)."""
+  lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+  return [row for row in map(json.loads, lines) if "loss" in row]
+
+
+def _losses(workdir) -> dict[int, dict]:
+  """step -> its last train line (a resumed run logs redone steps again)."""
+  return {row["step"]: row for row in _rows(workdir)}
+
+
+def _committed(workdir) -> list[int]:
+  root = pathlib.Path(workdir) / "checkpoints"
+  return sorted(int(p.name) for p in root.iterdir()
+                if p.name.isdigit() and (p / "commit_success.txt").exists())
+
+
+def _assert_same_losses(workdir, reference):
+  got = _losses(workdir)
+  assert sorted(got) == sorted(reference) == list(range(1, 9))
+  for step, row in reference.items():
+    assert got[step]["data/fingerprint"] == row["data/fingerprint"], step
+    assert got[step]["loss"] == row["loss"], step
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("data_cache"))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cache_dir):
+  """(workdir, losses) of the uninterrupted 8-step run."""
+  workdir = tmp_path_factory.mktemp("reference") / "work"
+  _run(_cmd(workdir, cache_dir))
+  assert _committed(workdir) == [4, 6, 8]
+  return workdir, _losses(workdir)
+
+
+def _copy(workdir, dest) -> pathlib.Path:
+  shutil.copytree(workdir, dest, symlinks=True)
+  return dest
+
+
+def _flip_bytes(step_dir):
+  files = [p for p in (step_dir / "state").rglob("*") if p.is_file()]
+  path = max(files, key=lambda p: p.stat().st_size)
+  data = bytearray(path.read_bytes())
+  for i in range(len(data) // 2, len(data) // 2 + 64):
+    data[i] ^= 0xFF
+  path.write_bytes(bytes(data))
+
+
+def test_bit_flipped_latest_checkpoint_falls_back_with_the_same_losses(
+    tmp_path, cache_dir, reference):
+  ref_dir, ref_losses = reference
+  work = _copy(ref_dir, tmp_path / "work")
+  _flip_bytes(work / "checkpoints" / "8")
+  proc = _run(_cmd(work, cache_dir))
+  step8 = work / "checkpoints" / "8"
+  assert f"Checkpoint {step8} is damaged" in proc.stderr
+  assert "checksum mismatch" in proc.stderr
+  assert "falling back to step 6" in proc.stderr
+  # Steps 7 and 8 ran again from step 6 and match the first run exactly.
+  assert "Starting at step 6 of 8" in proc.stderr
+  _assert_same_losses(work, ref_losses)
+  assert _committed(work) == [4, 6, 8]  # Step 8 saved again, good.
+  assert (work / "checkpoints" / "8.damaged").is_dir()
+
+
+def test_no_good_checkpoint_is_one_error_naming_each(tmp_path, cache_dir,
+                                                     reference):
+  work = _copy(reference[0], tmp_path / "work")
+  for step in (4, 6, 8):
+    (work / "checkpoints" / str(step) / "state" / "_METADATA").unlink()
+  proc = _run(_cmd(work, cache_dir), check=False)
+  assert proc.returncode != 0
+  assert "No usable checkpoint" in proc.stderr
+  for step in (4, 6, 8):
+    assert f"{work / 'checkpoints' / str(step) / 'state' / '_METADATA'}: " \
+           "missing" in proc.stderr
+  assert _committed(work) == [4, 6, 8]  # Nothing moved or deleted.
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 1400 KiB tmpfs: the first checkpoint (~0.9 MiB) fits, not the second."""
+  mount = tmp_path / "disk"
+  mount.mkdir()
+  proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1400k", "tmpfs",
+                         str(mount)], capture_output=True, text=True,
+                        check=False)
+  if proc.returncode != 0:
+    pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+  try:
+    yield mount
+  finally:
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_disk_full_is_a_clear_error_and_the_restart_loses_nothing(
+    tmp_path, cache_dir, reference, small_disk):
+  work = small_disk / "work"
+  proc = _run(_cmd(work, cache_dir), check=False)
+  assert proc.returncode != 0
+  assert "Disk full: saving checkpoint step 4" in proc.stderr, \
+      proc.stderr[-3000:]
+  assert str(work / "checkpoints") in proc.stderr
+  # The logs written before are intact: every line parses, steps in order.
+  steps = [r["step"] for r in _rows(work)]
+  assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 4
+  assert _committed(work) == [2]
+  # Restarted on a larger disk, the run resumes from step 2 (the torn step-4
+  # save is never restored) and loses nothing.
+  moved = _copy(work, tmp_path / "moved")
+  proc = _run(_cmd(moved, cache_dir))
+  assert "Starting at step 2 of 8" in proc.stderr
+  _assert_same_losses(moved, reference[1])
+
+
+def test_second_trainer_is_refused_and_a_killed_one_leaves_no_lock(
+    tmp_path, cache_dir, reference):
+  work = tmp_path / "work"
+  first = subprocess.Popen(_cmd(work, cache_dir), env=_env(), cwd=str(REPO),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           text=True)
+  try:
+    deadline = time.time() + 300
+    while not (work / "metrics.jsonl").exists():
+      assert first.poll() is None, first.stderr.read()[-3000:]
+      assert time.time() < deadline
+      time.sleep(0.1)
+    second = _run(_cmd(work, cache_dir), check=False)
+    assert first.poll() is None  # Still the first run's workdir.
+  finally:
+    first.send_signal(signal.SIGKILL)  # A crash, holding the lock.
+    first.communicate()
+  assert second.returncode != 0
+  assert (f"is in use by pid {first.pid} on host {socket.gethostname()}"
+          in second.stderr), second.stderr[-3000:]
+  # The killed run's lock is gone with it: the next run resumes and ends with
+  # the uninterrupted run's losses.
+  _run(_cmd(work, cache_dir))
+  _assert_same_losses(work, reference[1])
+
+
+def test_changed_config_refuses_shapes_and_keeps_the_old_config(
+    tmp_path, cache_dir, reference):
+  work = _copy(reference[0], tmp_path / "work")
+  old_config = (work / "config.json").read_text()
+  proc = _run(_cmd(work, cache_dir, "--config.model.width=48",
+                   "--config.data.spec.max_boxes=10"), check=False)
+  assert proc.returncode != 0
+  assert "model.width: 32 -> 48" in proc.stderr
+  assert "data.spec.max_boxes: 8 -> 10" in proc.stderr
+  assert "--workdir" in proc.stderr and "init_from" in proc.stderr
+  assert (work / "config.json").read_text() == old_config
+  # Other changes are accepted, logged and the old config kept beside.
+  proc = _run(_cmd(work, cache_dir, "--config.total_steps=9",
+                   "--config.optimizer.learning_rate=0.0005"))
+  assert "total_steps: 8 -> 9" in proc.stderr
+  assert "optimizer.learning_rate: 0.001 -> 0.0005" in proc.stderr
+  assert (work / "config.8.json").read_text() == old_config
+  assert json.loads((work / "config.json").read_text())["total_steps"] == 9
+  assert max(_losses(work)) == 9
