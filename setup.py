@@ -43,7 +43,9 @@ setuptools.setup(
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest==9.2.0", "pytest-xdist==3.8.0"],
+        # selenium drives the system chromium in tests/serve_test.py
+        # (.ci/install_browser.sh installs chromium and chromium-driver).
+        "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "selenium==4.51.0"],
         # CUDA 12 wheels of the same jax release.
         "gpu": ["jax[cuda12]==0.10.2"],
         "tpu": ["jax[tpu]==0.10.2"],
