@@ -95,7 +95,8 @@ def _define_flags() -> None:
                       "Name of --dataset_json (default: the file's stem).")
   flags.DEFINE_enum("dataset_format", "auto", ["auto", "coco", "lvis"],
                     "--dataset_json format (auto: LVIS when images have "
-                    "neg_category_ids).")
+                    "neg_category_ids or categories have synonyms or "
+                    "frequency).")
   flags.DEFINE_integer("max_detections", None,
                        "Detections per image (default: config.eval, 300).")
   flags.DEFINE_float("nms_iou", None,

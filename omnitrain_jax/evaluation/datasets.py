@@ -102,8 +102,9 @@ def with_dataset_json(info: preparation.DataInfo, json_path: str,
     image_dir: the folder its ``file_name``s (LVIS: ``coco_url`` tails) are
       relative to.
     name: the dataset's name (default: the file's stem).
-    fmt: ``coco``, ``lvis``, or ``auto`` (LVIS when images carry
-      ``neg_category_ids``).
+    fmt: ``coco``, ``lvis``, or ``auto`` (`data.formats.sniff_format`:
+      LVIS when images carry ``neg_category_ids`` or categories carry
+      ``synonyms`` / ``frequency``).
 
   Returns:
     (the extended info, the dataset to evaluate).
@@ -115,11 +116,11 @@ def with_dataset_json(info: preparation.DataInfo, json_path: str,
   if not os.path.isdir(image_dir):
     raise FileNotFoundError(f"--image_dir={image_dir} is not a folder.")
   if fmt == "auto":
-    data = formats.load_json(json_path)
-    images = data.get("images") if isinstance(data, dict) else None
-    lvis = bool(images) and isinstance(images[0], dict) and (
-        "neg_category_ids" in images[0])
-    fmt = "lvis" if lvis else "coco"
+    sniffed = formats.sniff_format(json_path)  # The readers' own rules.
+    if sniffed not in ("coco_instances", "lvis"):
+      raise ValueError(f"--dataset_json={json_path} is a {sniffed} file, not "
+                       "COCO or LVIS instances (boxes with categories).")
+    fmt = "lvis" if sniffed == "lvis" else "coco"
   if fmt not in ("coco", "lvis"):
     raise ValueError(f"dataset format {fmt!r}; use auto, coco or lvis.")
   name = name or os.path.splitext(os.path.basename(json_path))[0]
