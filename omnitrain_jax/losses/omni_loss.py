@@ -8,8 +8,14 @@ then exactly 0).
 
 Targets live in candidate space. Each example scores Q candidate token ids
 (`batch["candidates"]`, 0 = pad); a box's or caption's token ids are mapped onto
-the candidates in-graph (`candidate_targets`), so the model never sees the full
-vocabulary.
+the candidates in-graph (`token_ops.candidate_targets`), so the model never
+sees the full vocabulary.
+
+This module composes; the pieces are functions of arrays, each tested on its
+own: the Hungarian cost in `matching_cost.py` (`compute_cost`), the solver and
+the one-to-many repetition in `omnitrain_jax.matching` (`assignment_matrix`),
+the terms of each stream and the box loss in `terms.py`, the token-set
+operations they share in `token_ops.py`.
 
 The rules (see DESIGN.md section 4):
 
@@ -85,7 +91,8 @@ caption tokens and the caption-absent tokens respectively), each clamped to >= 1
 so an absent stream gives 0, not 0/0. Under `jax.jit` on a batch sharded over
 the mesh's data axis, `jnp.sum` over the batch axis is already the global sum
 (XLA inserts the all-reduce), so no `psum` is needed; inside `shard_map` /
-`pmap` the counts would have to be `psum`-ed explicitly.
+`pmap` the counts would have to be `psum`-ed explicitly. (``matcher="scipy"``
+wraps only the per-example solve in a `shard_map`, so this holds for it too.)
 """
 
 from __future__ import annotations
@@ -98,15 +105,11 @@ import jax.numpy as jnp
 
 from omnitrain_jax import matching
 from omnitrain_jax.data import schema
-from omnitrain_jax.losses import box_ops
-
-# Masked softmax entries get this logit: finite (no inf - inf = NaN anywhere) but
-# far below any real logit, so exp() underflows to exactly 0.
-_NEG_LOGIT = -1e9
+from omnitrain_jax.losses import matching_cost
+from omnitrain_jax.losses import terms
+from omnitrain_jax.losses import token_ops
 
 _MATCHERS = ("jax", "scipy")
-_GRD_SOFTMAX = ("candidates", "phrases")
-_REGION_POOLS = ("logsumexp", "max", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +145,8 @@ class LossConfig:
       the region term (0 turns them off).
     grd_softmax: candidates in the grounding softmax: "candidates" | "phrases".
     matcher: Hungarian solver: "jax" (in-graph, default on accelerators) or
-      "scipy" (host callback).
+      "scipy" (host callback; traced under a mesh whose "data" axis has more
+      than one device, each device's callback solves only its own examples).
     matches_per_target: predictions matched to each det/grd target (1: DETR's
       one-to-one matching). With k > 1 every target is repeated k times in the
       Hungarian cost (H-DETR's one-to-many "hybrid" matching, Jia et al. 2023,
@@ -180,12 +184,12 @@ class LossConfig:
     if self.matcher not in _MATCHERS:
       raise ValueError(
           f"LossConfig.matcher={self.matcher!r}; use one of {_MATCHERS}.")
-    if self.grd_softmax not in _GRD_SOFTMAX:
+    if self.grd_softmax not in terms.GRD_SOFTMAX:
       raise ValueError(f"LossConfig.grd_softmax={self.grd_softmax!r}; use one "
-                       f"of {_GRD_SOFTMAX}.")
-    if self.img_region_pool not in _REGION_POOLS:
+                       f"of {terms.GRD_SOFTMAX}.")
+    if self.img_region_pool not in terms.REGION_POOLS:
       raise ValueError(f"LossConfig.img_region_pool={self.img_region_pool!r}; "
-                       f"use one of {_REGION_POOLS}.")
+                       f"use one of {terms.REGION_POOLS}.")
     if not self.img_region_temperature > 0:
       raise ValueError(
           "LossConfig.img_region_temperature must be > 0, got "
@@ -224,72 +228,6 @@ class LossConfig:
       raise ValueError(f"Unknown loss config field(s) {unknown}; valid fields "
                        f"are {sorted(names)}.")
     return cls(**values)
-
-
-def candidate_targets(tokens: jnp.ndarray,
-                      candidates: jnp.ndarray) -> jnp.ndarray:
-  """Maps token-id sets onto each example's candidate list.
-
-  ``out[b, ..., q] = any_t(tokens[b, ..., t] == candidates[b, q]) and
-  candidates[b, q] > 0``.
-
-  Args:
-    tokens: int ``[B, ..., T]`` token ids, 0 = pad (e.g. `box_tokens` [B, M, T]
-      or `caption_tokens` [B, C]).
-    candidates: int ``[B, Q]`` candidate token ids, 0 = pad.
-
-  Returns:
-    bool ``[B, ..., Q]``.
-  """
-  extra = tokens.ndim - 2  # Axes between B and T.
-  cand = candidates.reshape(
-      (candidates.shape[0],) + (1,) * (extra + 1) + candidates.shape[1:])
-  hit = jnp.any(tokens[..., :, None] == cand, axis=-2)  # [B, ..., Q]
-  valid = (candidates > 0).reshape(
-      (candidates.shape[0],) + (1,) * extra + candidates.shape[1:])
-  return hit & valid
-
-
-def _sigmoid_focal(logits, targets, alpha, gamma):
-  """Elementwise sigmoid focal loss (Lin et al., 2017); targets in {0, 1}."""
-  p = jax.nn.sigmoid(logits)
-  ce = targets * jax.nn.softplus(-logits) + (1 - targets) * jax.nn.softplus(
-      logits)
-  p_t = targets * p + (1 - targets) * (1 - p)
-  alpha_t = targets * alpha + (1 - targets) * (1 - alpha)
-  return alpha_t * (1 - p_t)**gamma * ce
-
-
-def _focal_cost_per_token(logits, alpha, gamma):
-  """Cost of calling each token positive rather than negative: [B, N, Q].
-
-  The Deformable-DETR / OWL-ViT focal matching cost: the focal loss of the
-  token as a positive minus its focal loss as a negative.
-  """
-  p = jax.nn.sigmoid(logits)
-  pos = alpha * (1 - p)**gamma * jax.nn.softplus(-logits)
-  neg = (1 - alpha) * p**gamma * jax.nn.softplus(logits)
-  return pos - neg
-
-
-def _masked_log_softmax(logits, mask):
-  """log_softmax over the last axis restricted to `mask`; 0 where masked."""
-  logp = jax.nn.log_softmax(jnp.where(mask, logits, _NEG_LOGIT), axis=-1)
-  return jnp.where(mask, logp, 0.0)
-
-
-def _normalize_rows(targets):
-  """Uniform distributions over the True entries of each row (0 if none)."""
-  t = targets.astype(jnp.float32)
-  return t / jnp.maximum(t.sum(-1, keepdims=True), 1.0)
-
-
-def _assignment_matrix(row_ind, col_ind, n, m):
-  """[B, K] index pairs (-1 = none) -> 0/1 float assignment matrix [B, N, M]."""
-  rows = jax.nn.one_hot(row_ind, n, dtype=jnp.float32)  # [B, K, N]; -1 -> 0s
-  cols = jax.nn.one_hot(col_ind, m, dtype=jnp.float32)  # [B, K, M]
-  valid = ((row_ind >= 0) & (col_ind >= 0)).astype(jnp.float32)[..., None]
-  return jnp.einsum("bkn,bkm->bnm", rows * valid, cols)
 
 
 def _check_shapes(outputs, batch):
@@ -343,8 +281,6 @@ def omni_loss(outputs: Mapping[str, jnp.ndarray],
   pred_boxes = outputs["pred_boxes"].astype(f32)  # [B, N, 4]
   pred_logits = outputs["pred_logits"].astype(f32)  # [B, N, Q]
   image_logits = outputs["image_logits"].astype(f32)  # [B, Q]
-  _, n, _ = pred_logits.shape
-  m = batch["boxes"].shape[1]
 
   stream = batch["stream"]  # [B]
   is_det = stream == schema.STREAM_IDS["det"]
@@ -359,122 +295,57 @@ def omni_loss(outputs: Mapping[str, jnp.ndarray],
   # so a huge or non-finite pad logit can never leak into a value or gradient.
   logits = jnp.where(cand_valid[:, None, :], pred_logits, 0.0)  # [B, N, Q]
 
-  box_targets = candidate_targets(batch["box_tokens"], candidates)
+  box_targets = token_ops.candidate_targets(batch["box_tokens"], candidates)
   box_targets &= box_mask[..., None]  # [B, M, Q]
-  box_dist = _normalize_rows(box_targets)  # [B, M, Q], uniform over tokens
+  box_dist = token_ops.uniform_over(box_targets)  # [B, M, Q]
+  grd_mask = terms.grd_softmax_mask(box_targets, cand_valid,
+                                    config.grd_softmax)  # [B, Q]
 
-  # Which candidates compete in the grounding softmax.
-  if config.grd_softmax == "phrases":
-    grd_mask = jnp.any(box_targets, axis=1)  # [B, Q]
-  else:
-    grd_mask = cand_valid  # [B, Q]
-
-  # ---- Matching (det and grd), under stop_gradient. ----
-  sg_logits = jax.lax.stop_gradient(logits)
-  sg_boxes = jax.lax.stop_gradient(pred_boxes)
-  cost_l1 = jnp.abs(sg_boxes[:, :, None, :] - tgt_boxes[:, None, :, :]).sum(-1)
-  cost_giou = -box_ops.pairwise_generalized_box_iou(
-      box_ops.cxcywh_to_xyxy(sg_boxes), box_ops.cxcywh_to_xyxy(tgt_boxes))
-  box_cost = config.cost_l1 * cost_l1 + config.cost_giou * cost_giou  # [B,N,M]
-  det_class_cost = jnp.einsum(
-      "bnq,bmq->bnm",
-      _focal_cost_per_token(sg_logits, config.focal_alpha, config.focal_gamma),
-      box_dist)
-  grd_class_cost = -jnp.einsum(
-      "bnq,bmq->bnm", _masked_log_softmax(sg_logits, grd_mask[:, None, :]),
-      box_dist)
-  class_cost = jnp.where(is_det[:, None, None],
-                         config.cost_class * det_class_cost,
-                         config.grd_cost_class * grd_class_cost)
-  cost = jnp.where(box_mask[:, None, :], class_cost + box_cost, 0.0)
-  # img examples have no columns to match; real boxes come first (schema).
-  num_cols = jnp.where(is_det | is_grd, box_mask.sum(-1), 0).astype(jnp.int32)
+  # ---- Matching (det and grd). ----
+  cost, num_cols = matching_cost.compute_cost(
+      box_dist, logits, tgt_boxes, pred_boxes, box_mask, stream, grd_mask,
+      cost_class=config.cost_class, grd_cost_class=config.grd_cost_class,
+      cost_l1=config.cost_l1, cost_giou=config.cost_giou,
+      focal_alpha=config.focal_alpha, focal_gamma=config.focal_gamma)
   k = config.matches_per_target
-  if k == 1:
-    row_ind, col_ind = matching.linear_sum_assignment(
-        jax.lax.stop_gradient(cost), num_cols, method=config.matcher)
-  else:
-    # Column j of the repeated cost is target j mod count, so the first
-    # min(k * count, N) columns hold every target at least once (when
-    # count <= N) and the valid columns stay first, as the matcher expects.
-    rep = jnp.arange(k * m, dtype=jnp.int32)[None, :] % jnp.maximum(
-        num_cols, 1)[:, None]  # [B, kM]
-    rep_cost = jnp.take_along_axis(cost, rep[:, None, :], axis=2)
-    rep_cols = jnp.minimum(k * num_cols, n)
-    row_ind, rep_col = matching.linear_sum_assignment(
-        jax.lax.stop_gradient(rep_cost), rep_cols, method=config.matcher)
-    col_ind = jnp.where(
-        rep_col >= 0,
-        jnp.take_along_axis(rep, jnp.maximum(rep_col, 0), axis=1), -1)
-  assign = _assignment_matrix(row_ind, col_ind, n, m)  # [B, N, M]
-  assign = jax.lax.stop_gradient(assign * box_mask[:, None, :])
-  matched = assign.sum(-1) > 0  # [B, N]
+  assign = matching.assignment_matrix(
+      cost, num_cols, matches_per_target=k, method=config.matcher)
+  assign = jax.lax.stop_gradient(assign * box_mask[:, None, :])  # [B, N, M]
 
-  # ---- Box losses on matched pairs (det and grd). ----
-  matched_box = jnp.einsum("bnm,bmc->bnc", assign, tgt_boxes)  # [B, N, 4]
-  l1 = jnp.abs(pred_boxes - matched_box).sum(-1)  # [B, N]
-  giou = box_ops.elementwise_generalized_box_iou(
-      box_ops.cxcywh_to_xyxy(pred_boxes), box_ops.cxcywh_to_xyxy(matched_box))
-  l1 = jnp.where(matched, l1, 0.0).sum(-1)  # [B]
-  giou_loss = jnp.where(matched, 1.0 - giou, 0.0).sum(-1)  # [B]
+  # ---- Per-example terms, each computed for every example. ----
+  l1, giou = terms.box_losses(pred_boxes, assign, tgt_boxes)  # [B], [B]
+  det_token = terms.det_token_loss(
+      logits, assign, box_targets, batch["cand_known"], batch["cand_bg"],
+      cand_valid, focal_alpha=config.focal_alpha,
+      focal_gamma=config.focal_gamma)  # [B]
+  grd_token = terms.grd_token_loss(logits, assign, box_dist, grd_mask)  # [B]
+  cap_targets = token_ops.candidate_targets(batch["caption_tokens"],
+                                            candidates)  # [B, Q]
+  has_cap = is_img & (cap_targets.sum(-1) > 0)  # [B]
+  img_image = terms.img_image_loss(image_logits, cap_targets, cand_valid)
+  img_region = terms.img_region_loss(
+      logits, cap_targets, has_cap, cand_valid, pool=config.img_region_pool,
+      temperature=config.img_region_temperature,
+      neg_weight=config.img_region_neg_weight)  # [], already normalized
 
+  # ---- Normalization over the global batch (see the module docstring). ----
   num_boxes = box_mask.sum(-1).astype(f32)  # [B]
-  # Global over the batch axis (see the module docstring on sharding).
   num_det = jnp.sum(jnp.where(is_det, num_boxes, 0.0))
   num_grd = jnp.sum(jnp.where(is_grd, num_boxes, 0.0))
-  # Normalizers: k matched predictions per target (see matches_per_target).
+  num_img = jnp.sum(has_cap).astype(f32)
+  # k matched predictions per target (see matches_per_target).
   det_norm, grd_norm = num_det * k, num_grd * k
 
   def stream_mean(per_example, mask, count):
     return jnp.sum(jnp.where(mask, per_example, 0.0)) / jnp.maximum(count, 1.0)
 
-  # ---- det token loss: sigmoid focal over candidates. ----
-  det_pos = jnp.einsum("bnm,bmq->bnq", assign,
-                       box_targets.astype(f32)) > 0  # [B, N, Q]
-  det_weight = jnp.where(matched[..., None],
-                         det_pos | batch["cand_known"].astype(bool)[:, None],
-                         batch["cand_bg"].astype(bool)[:, None])
-  det_weight &= cand_valid[:, None, :]  # [B, N, Q]
-  det_focal = _sigmoid_focal(logits, det_pos.astype(f32), config.focal_alpha,
-                             config.focal_gamma)
-  det_token = jnp.where(det_weight, det_focal, 0.0).sum((1, 2))  # [B]
-
-  # ---- grd token loss: matched predictions only, softmax cross-entropy. ----
-  grd_target = jnp.einsum("bnm,bmq->bnq", assign, box_dist)  # [B, N, Q]
-  grd_logp = _masked_log_softmax(logits, grd_mask[:, None, :])  # [B, N, Q]
-  grd_token = -(grd_target * grd_logp).sum((1, 2))  # [B]; 0 when unmatched
-
-  # ---- img: image-level softmax and patch-pooled region term. ----
-  cap_targets = candidate_targets(batch["caption_tokens"], candidates)  # [B,Q]
-  num_cap = cap_targets.sum(-1)  # [B]
-  has_cap = is_img & (num_cap > 0)  # [B]
-  num_img = jnp.sum(has_cap).astype(f32)
-  img_logp = _masked_log_softmax(image_logits, cand_valid)  # [B, Q]
-  img_image = -(_normalize_rows(cap_targets) * img_logp).sum(-1)  # [B]
-
-  if config.img_region_pool == "none":
-    img_region = jnp.zeros((), f32)
-  else:
-    if config.img_region_pool == "max":
-      pooled = logits.max(axis=1)  # [B, Q]
-    else:
-      tau = config.img_region_temperature
-      pooled = tau * jax.nn.logsumexp(logits / tau, axis=1)  # [B, Q]
-    pos = has_cap[:, None] & cap_targets  # [B, Q]
-    neg = has_cap[:, None] & cand_valid & ~cap_targets  # [B, Q]
-    pos_loss = jnp.where(pos, jax.nn.softplus(-pooled), 0.0).sum()
-    neg_loss = jnp.where(neg, jax.nn.softplus(pooled), 0.0).sum()
-    img_region = (
-        pos_loss / jnp.maximum(pos.sum(), 1.0) + config.img_region_neg_weight *
-        neg_loss / jnp.maximum(neg.sum(), 1.0))
-
   metrics = {
       "det/token": stream_mean(det_token, is_det, det_norm),
       "det/l1": stream_mean(l1, is_det, det_norm),
-      "det/giou": stream_mean(giou_loss, is_det, det_norm),
+      "det/giou": stream_mean(giou, is_det, det_norm),
       "grd/token": stream_mean(grd_token, is_grd, grd_norm),
       "grd/l1": stream_mean(l1, is_grd, grd_norm),
-      "grd/giou": stream_mean(giou_loss, is_grd, grd_norm),
+      "grd/giou": stream_mean(giou, is_grd, grd_norm),
       "img/image": stream_mean(img_image, has_cap, num_img),
       "img/region": img_region,
   }

@@ -1,6 +1,10 @@
 """Tests pinning the semantics of omni_loss on small hand-built batches."""
 
 import dataclasses
+import os
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -140,18 +144,6 @@ def perfect_outputs(batch, seed=0):
     # Other predictions are far away (tiny boxes in a corner).
     out["pred_boxes"][b, k:] = [0.02, 0.02, 0.01, 0.01]
   return out
-
-
-def test_candidate_targets():
-  cands = jnp.array([[5, 6, 7, 0], [7, 0, 0, 0]])
-  box_tokens = jnp.array([[[5, 7], [0, 0]], [[7, 8], [6, 0]]])  # [2, 2, 2]
-  got = omni_loss_lib.candidate_targets(box_tokens, cands)
-  np.testing.assert_array_equal(
-      got, [[[1, 0, 1, 0], [0, 0, 0, 0]], [[1, 0, 0, 0], [0, 0, 0, 0]]])
-  caption = jnp.array([[6, 0, 0], [0, 0, 0]])
-  np.testing.assert_array_equal(
-      omni_loss_lib.candidate_targets(caption, cands),
-      [[0, 1, 0, 0], [0, 0, 0, 0]])
 
 
 def test_perfect_prediction_has_zero_box_loss():
@@ -384,6 +376,66 @@ def test_jax_and_scipy_matchers_give_the_same_loss():
   np.testing.assert_allclose(jax_loss, scipy_loss, rtol=1e-6)
   for a, b in zip(jax.tree.leaves(g_jax), jax.tree.leaves(g_scipy)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+_SHARDED_SCRIPT = textwrap.dedent("""
+    import dataclasses
+    import jax
+    jax.config.update("jax_num_cpu_devices", 8)
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from omnitrain_jax.losses import omni_loss_test as t
+    from omnitrain_jax.matching import hungarian
+
+    # B = 16 on a data = 8 mesh: 2 examples per device.
+    examples = [t.det_example(), t.grd_example(), t.img_example(),
+                t.make_example("det"), t.make_example("grd")]
+    batch = {k: np.stack([examples[i % 5][k] for i in range(16)])
+             for k in examples[0]}
+    outputs = t.random_outputs(batch, seed=11)
+
+    seen = []
+    host = hungarian._scipy_host
+    def spy(cost, num_valid):
+      seen.append(np.asarray(cost).shape[0])
+      return host(cost, num_valid)
+    hungarian._scipy_host = spy
+
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    sh = NamedSharding(mesh, P("data"))
+    # matches_per_target > 1 per shard: matching/assignment_test.py.
+    cfg = dataclasses.replace(t.CFG, matcher="scipy")
+    # Blocking first: the callbacks run when the computation does.
+    (loss, metrics), grads = jax.block_until_ready(
+        t._value_and_grad(outputs, batch, config=cfg))
+    assert seen == [16], seen  # No mesh: today's single callback.
+    seen.clear()
+    # As the trainer traces its step: inside the mesh, the batch sharded.
+    with jax.set_mesh(mesh):
+      (s_loss, s_metrics), s_grads = jax.block_until_ready(
+          t._value_and_grad(jax.device_put(outputs, sh),
+                            jax.device_put(batch, sh), config=cfg))
+    assert seen == [2] * 8, seen  # One host call per shard, its own 2.
+    assert s_grads["pred_logits"].sharding.spec == P("data")
+    # Close, not equal: the batch sums run as all-reduces on the mesh.
+    np.testing.assert_allclose(s_loss, loss, rtol=1e-6)
+    for key in metrics:
+      np.testing.assert_allclose(s_metrics[key], metrics[key], rtol=1e-6,
+                                 err_msg=key)
+    for key in grads:
+      np.testing.assert_allclose(s_grads[key], grads[key], rtol=1e-5,
+                                 atol=1e-7, err_msg=key)
+    print("OK")
+""")
+
+
+def test_scipy_matcher_under_a_data_mesh_matches_per_shard():
+  # Fake devices must be configured before jax starts: own process.
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
 
 
 K2 = dataclasses.replace(CFG, matches_per_target=2)

@@ -21,7 +21,8 @@ Methods:
 
 * `"scipy"`: one `jax.pure_callback` per batch to
   `scipy.optimize.linear_sum_assignment` on `cost[b, :, :K]` (valid columns
-  only). Host-side; on a sharded batch use `sharded_linear_sum_assignment`.
+  only). Host-side; on a sharded batch use `sharded_linear_sum_assignment`
+  (`assignment.assignment_matrix` does so by itself under a mesh).
 * `"jax"`: an in-graph solver (below), for TPU/GPU.
 
 The in-graph solver. Shortest augmenting paths with dual potentials, the
@@ -134,7 +135,9 @@ def sharded_linear_sum_assignment(cost, num_valid_cols=None, *, mesh,
   Args:
     cost: `[B, N, M]` float array, B divisible by the size of `batch_axis`.
     num_valid_cols: optional int `[B]`, see `linear_sum_assignment`.
-    mesh: a `jax.sharding.Mesh`.
+    mesh: a `jax.sharding.Mesh`, or the `jax.sharding.AbstractMesh` of the
+      context (`jax.sharding.get_abstract_mesh()` under `jax.set_mesh`), which
+      `jax.shard_map` accepts as well.
     batch_axis: mesh axis name (or tuple of names) the batch is sharded over.
     method: `"scipy"` or `"jax"`.
 

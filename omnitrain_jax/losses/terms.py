@@ -1,0 +1,188 @@
+"""The loss terms of each stream (det, grd, img) and the box loss.
+
+Each function is one term of `omni_loss` (the rules and their reasons are in
+the docstring of `omni_loss.py`), computed for *every* example of the batch
+with static shapes; `omni_loss` masks the results by stream and normalizes
+them over the global batch. The matched terms take the matching as a 0/1
+``assign`` matrix ``[B, N, M]`` (`omnitrain_jax.matching.assignment_matrix`).
+
+Shapes: B examples, N predictions, M targets (boxes), Q candidates.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from omnitrain_jax.losses import box_ops
+from omnitrain_jax.losses import token_ops
+
+# The options of `grd_softmax_mask` and `img_region_loss` (`LossConfig`
+# validates its fields against these).
+GRD_SOFTMAX = ("candidates", "phrases")
+REGION_POOLS = ("logsumexp", "max", "none")
+
+
+def grd_softmax_mask(box_targets: jnp.ndarray, cand_valid: jnp.ndarray,
+                     softmax: str) -> jnp.ndarray:
+  """The candidates that compete in the grounding softmax.
+
+  Args:
+    box_targets: bool ``[B, M, Q]``, the candidate tokens of each box.
+    cand_valid: bool ``[B, Q]``, the non-padding candidates.
+    softmax: ``"candidates"`` (every valid candidate) or ``"phrases"`` (the
+      union of the example's box tokens).
+
+  Returns:
+    bool ``[B, Q]``.
+  """
+  if softmax not in GRD_SOFTMAX:
+    raise ValueError(f"softmax={softmax!r}; use one of {GRD_SOFTMAX}.")
+  if softmax == "phrases":
+    return jnp.any(box_targets, axis=1)
+  return cand_valid
+
+
+def _matched(assign):
+  """[B, N, M] assignment -> bool [B, N], predictions matched to a target."""
+  return assign.sum(-1) > 0
+
+
+def box_losses(pred_boxes: jnp.ndarray, assign: jnp.ndarray,
+               tgt_boxes: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """L1 (cxcywh) and 1 - GIoU of the matched pairs (det and grd).
+
+  Args:
+    pred_boxes: float ``[B, N, 4]`` predicted cxcywh boxes.
+    assign: float ``[B, N, M]`` 0/1 matching.
+    tgt_boxes: float ``[B, M, 4]`` target cxcywh boxes.
+
+  Returns:
+    (l1, giou): float ``[B]`` each, summed over the matched predictions.
+  """
+  matched = _matched(assign)  # [B, N]
+  matched_box = jnp.einsum("bnm,bmc->bnc", assign, tgt_boxes)  # [B, N, 4]
+  l1 = jnp.abs(pred_boxes - matched_box).sum(-1)  # [B, N]
+  giou = box_ops.elementwise_generalized_box_iou(
+      box_ops.cxcywh_to_xyxy(pred_boxes), box_ops.cxcywh_to_xyxy(matched_box))
+  l1 = jnp.where(matched, l1, 0.0).sum(-1)  # [B]
+  giou_loss = jnp.where(matched, 1.0 - giou, 0.0).sum(-1)  # [B]
+  return l1, giou_loss
+
+
+def det_token_loss(logits: jnp.ndarray, assign: jnp.ndarray,
+                   box_targets: jnp.ndarray, cand_known: jnp.ndarray,
+                   cand_bg: jnp.ndarray, cand_valid: jnp.ndarray, *,
+                   focal_alpha: float, focal_gamma: float) -> jnp.ndarray:
+  """Sigmoid focal loss over the candidates (det).
+
+  A matched prediction is positive on its box's tokens and negative on
+  ``cand_known & ~positive``; an unmatched one is negative on ``cand_bg``
+  only. The pipeline builds both sets (LVIS federated labels); the loss adds
+  no negatives of its own.
+
+  Args:
+    logits: float ``[B, N, Q]`` token logits (pad candidates zeroed).
+    assign: float ``[B, N, M]`` 0/1 matching.
+    box_targets: bool ``[B, M, Q]``, the candidate tokens of each box.
+    cand_known: bool ``[B, Q]``, labels known to a matched prediction.
+    cand_bg: bool ``[B, Q]``, known negatives of an unmatched prediction.
+    cand_valid: bool ``[B, Q]``, the non-padding candidates.
+    focal_alpha: focal alpha.
+    focal_gamma: focal gamma.
+
+  Returns:
+    float ``[B]``, summed over predictions and candidates.
+  """
+  matched = _matched(assign)  # [B, N]
+  positive = jnp.einsum("bnm,bmq->bnq", assign,
+                        box_targets.astype(jnp.float32)) > 0  # [B, N, Q]
+  weight = jnp.where(matched[..., None],
+                     positive | cand_known.astype(bool)[:, None],
+                     cand_bg.astype(bool)[:, None])
+  weight &= cand_valid[:, None, :]  # [B, N, Q]
+  focal = token_ops.sigmoid_focal(logits, positive.astype(jnp.float32),
+                                  focal_alpha, focal_gamma)
+  return jnp.where(weight, focal, 0.0).sum((1, 2))
+
+
+def grd_token_loss(logits: jnp.ndarray, assign: jnp.ndarray,
+                   tgt_dist: jnp.ndarray,
+                   softmax_mask: jnp.ndarray) -> jnp.ndarray:
+  """Token softmax cross-entropy of the matched predictions (grd).
+
+  Unmatched predictions get no token loss (grounding data is not exhaustive).
+
+  Args:
+    logits: float ``[B, N, Q]`` token logits (pad candidates zeroed).
+    assign: float ``[B, N, M]`` 0/1 matching.
+    tgt_dist: float ``[B, M, Q]``, per box the uniform distribution over its
+      candidate tokens.
+    softmax_mask: bool ``[B, Q]``, the candidates of the softmax
+      (`grd_softmax_mask`).
+
+  Returns:
+    float ``[B]``, summed over the matched predictions.
+  """
+  target = jnp.einsum("bnm,bmq->bnq", assign, tgt_dist)  # [B, N, Q]; 0 rows
+  logp = token_ops.masked_log_softmax(logits,
+                                      softmax_mask[:, None, :])  # [B, N, Q]
+  return -(target * logp).sum((1, 2))
+
+
+def img_image_loss(image_logits: jnp.ndarray, cap_targets: jnp.ndarray,
+                   cand_valid: jnp.ndarray) -> jnp.ndarray:
+  """Image-level softmax cross-entropy against the caption's tokens (img).
+
+  Args:
+    image_logits: float ``[B, Q]``.
+    cap_targets: bool ``[B, Q]``, the candidates among the caption's tokens.
+    cand_valid: bool ``[B, Q]``, the non-padding candidates (the softmax).
+
+  Returns:
+    float ``[B]``; 0 for an example without caption tokens.
+  """
+  logp = token_ops.masked_log_softmax(image_logits, cand_valid)  # [B, Q]
+  return -(token_ops.uniform_over(cap_targets) * logp).sum(-1)
+
+
+def img_region_loss(logits: jnp.ndarray, cap_targets: jnp.ndarray,
+                    has_cap: jnp.ndarray, cand_valid: jnp.ndarray, *,
+                    pool: str, temperature: float,
+                    neg_weight: float) -> jnp.ndarray:
+  """Patch-pooled sigmoid BCE on the caption's tokens (img), normalized.
+
+  Per candidate, the per-patch logits are pooled over the N patches and the
+  pooled logit is pushed up for caption tokens and (weight `neg_weight`) down
+  for the caption-absent candidates. Each half is divided by its own number of
+  tokens over the batch, so this term is already a global mean.
+
+  Args:
+    logits: float ``[B, N, Q]`` token logits (pad candidates zeroed).
+    cap_targets: bool ``[B, Q]``, the candidates among the caption's tokens.
+    has_cap: bool ``[B]``, the examples the term applies to (img examples with
+      caption tokens among their candidates).
+    cand_valid: bool ``[B, Q]``, the non-padding candidates.
+    pool: ``"logsumexp"`` (``tau * logsumexp(s / tau)``), ``"max"`` or
+      ``"none"`` (the term is 0).
+    temperature: tau of the logsumexp pooling.
+    neg_weight: weight of the caption-absent half.
+
+  Returns:
+    float ``[]``.
+  """
+  if pool not in REGION_POOLS:
+    raise ValueError(f"pool={pool!r}; use one of {REGION_POOLS}.")
+  if pool == "none":
+    return jnp.zeros((), jnp.float32)
+  if pool == "max":
+    pooled = logits.max(axis=1)  # [B, Q]
+  else:
+    pooled = temperature * jax.nn.logsumexp(logits / temperature,
+                                            axis=1)  # [B, Q]
+  pos = has_cap[:, None] & cap_targets  # [B, Q]
+  neg = has_cap[:, None] & cand_valid & ~cap_targets  # [B, Q]
+  pos_loss = jnp.where(pos, jax.nn.softplus(-pooled), 0.0).sum()
+  neg_loss = jnp.where(neg, jax.nn.softplus(pooled), 0.0).sum()
+  return (pos_loss / jnp.maximum(pos.sum(), 1.0) +
+          neg_weight * neg_loss / jnp.maximum(neg.sum(), 1.0))

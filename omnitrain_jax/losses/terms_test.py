@@ -1,0 +1,152 @@
+"""Tests for the per-stream loss terms, each on its own, against numpy."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from omnitrain_jax.losses import terms
+from omnitrain_jax.losses import token_ops
+
+B, N, M, Q = 2, 4, 3, 5
+
+
+def _assign(pairs):
+  """{(b, n, m)} -> float32 [B, N, M] 0/1 assignment."""
+  a = np.zeros((B, N, M), np.float32)
+  for b, n, m in pairs:
+    a[b, n, m] = 1
+  return jnp.asarray(a)
+
+
+def _logits(seed=0):
+  return 2 * np.random.default_rng(seed).normal(size=(B, N, Q)).astype(
+      np.float32)
+
+
+def _np_log_softmax(x, mask):
+  x = np.where(mask, x, -np.inf)
+  x = x - x.max(-1, keepdims=True)
+  return np.where(mask, x - np.log(np.exp(x).sum(-1, keepdims=True)), 0.0)
+
+
+def _np_softplus(v):
+  return np.logaddexp(0.0, v)
+
+
+def test_grd_softmax_mask():
+  box_targets = np.zeros((B, M, Q), bool)
+  box_targets[0, 0, [0, 1]] = box_targets[0, 1, [0, 2]] = True
+  valid = np.array([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0]], bool)
+  np.testing.assert_array_equal(
+      terms.grd_softmax_mask(box_targets, valid, "phrases"),
+      [[1, 1, 1, 0, 0], [0, 0, 0, 0, 0]])
+  np.testing.assert_array_equal(
+      terms.grd_softmax_mask(box_targets, valid, "candidates"), valid)
+  with pytest.raises(ValueError, match="phrases"):
+    terms.grd_softmax_mask(box_targets, valid, "tokens")
+
+
+def test_box_losses_on_matched_pairs_only():
+  rng = np.random.default_rng(1)
+  pred = np.concatenate([rng.uniform(0.3, 0.7, (B, N, 2)),
+                         rng.uniform(0.1, 0.3, (B, N, 2))], -1)
+  tgt = np.concatenate([rng.uniform(0.3, 0.7, (B, M, 2)),
+                        rng.uniform(0.1, 0.3, (B, M, 2))], -1)
+  pred[0, 1] = tgt[0, 2]  # A perfect match costs nothing.
+  pred, tgt = pred.astype(np.float32), tgt.astype(np.float32)
+  assign = _assign([(0, 1, 2), (0, 3, 0), (1, 0, 1)])
+  l1, giou = terms.box_losses(jnp.asarray(pred), assign, jnp.asarray(tgt))
+  np.testing.assert_allclose(
+      l1, [np.abs(pred[0, 3] - tgt[0, 0]).sum(),
+           np.abs(pred[1, 0] - tgt[1, 1]).sum()], rtol=1e-6)
+  assert giou[0] > 0 and giou[1] > 0
+  # The unmatched predictions get no gradient.
+  grad = jax.grad(lambda p: sum(terms.box_losses(p, assign, jnp.asarray(tgt))
+                                ).sum())(jnp.asarray(pred))
+  assert np.all(grad[0, [0, 2]] == 0) and np.all(grad[1, 1:] == 0)
+  assert np.all(np.any(grad[0, [3]] != 0, -1))
+
+
+def test_det_token_loss_weights_by_hand():
+  logits = _logits(2)
+  assign = _assign([(0, 0, 0), (1, 2, 1)])
+  box_targets = np.zeros((B, M, Q), bool)
+  box_targets[0, 0, [0, 1]] = True
+  box_targets[1, 1, 3] = True
+  valid = np.array([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]], bool)
+  known = np.array([[1, 1, 1, 0, 0], [1, 0, 0, 1, 1]], bool)
+  bg = np.array([[0, 1, 1, 1, 0], [1, 1, 0, 0, 1]], bool)
+  a, g = 0.25, 2.0
+  got = terms.det_token_loss(jnp.asarray(logits), assign, box_targets,
+                             known, bg, valid, focal_alpha=a, focal_gamma=g)
+  x = logits.astype(np.float64)
+  p = 1 / (1 + np.exp(-x))
+  pos_loss = -a * (1 - p)**g * np.log(p)
+  neg_loss = -(1 - a) * p**g * np.log(1 - p)
+  target = np.zeros((B, N, Q), bool)
+  target[0, 0, [0, 1]] = target[1, 2, 3] = True
+  matched = np.zeros((B, N), bool)
+  matched[0, 0] = matched[1, 2] = True
+  weight = np.where(matched[..., None], known[:, None] | target,
+                    bg[:, None]) & valid[:, None]
+  want = np.where(weight, np.where(target, pos_loss, neg_loss), 0).sum((1, 2))
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_grd_token_loss_is_cross_entropy_of_matched_predictions():
+  logits = _logits(3)
+  assign = _assign([(0, 1, 0), (0, 3, 1)])
+  box_targets = np.zeros((B, M, Q), bool)
+  box_targets[0, 0, [0, 1]] = box_targets[0, 1, [0, 2]] = True
+  mask = np.array([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]], bool)
+  got = terms.grd_token_loss(jnp.asarray(logits), assign,
+                             token_ops.uniform_over(box_targets), mask)
+  logp = _np_log_softmax(logits.astype(np.float64), mask[:, None])
+  want = -(0.5 * (logp[0, 1, 0] + logp[0, 1, 1]) +
+           0.5 * (logp[0, 3, 0] + logp[0, 3, 2]))
+  np.testing.assert_allclose(got, [want, 0.0], rtol=1e-5)
+  # Unmatched predictions do not matter.
+  grad = jax.grad(lambda l: terms.grd_token_loss(
+      l, assign, token_ops.uniform_over(box_targets), mask).sum())(
+          jnp.asarray(logits))
+  assert np.all(grad[0, [0, 2]] == 0) and np.all(grad[1] == 0)
+
+
+def test_img_image_loss_equals_numpy_cross_entropy():
+  image_logits = _logits(4)[:, 0]  # [B, Q]
+  caption = np.array([[1, 0, 1, 0, 0], [0, 0, 0, 0, 0]], bool)
+  valid = np.array([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0]], bool)
+  got = terms.img_image_loss(jnp.asarray(image_logits), caption, valid)
+  logp = _np_log_softmax(image_logits.astype(np.float64), valid)
+  np.testing.assert_allclose(got, [-(logp[0, 0] + logp[0, 2]) / 2, 0.0],
+                             rtol=1e-5)
+
+
+@pytest.mark.parametrize("pool", ["logsumexp", "max", "none"])
+def test_img_region_loss_by_hand(pool):
+  logits = _logits(5)
+  caption = np.array([[1, 0, 1, 0, 0], [0, 1, 0, 0, 0]], bool)
+  valid = np.array([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]], bool)
+  has_cap = np.array([True, False])  # Example 1: not an img example.
+  tau, w = 0.5, 0.3
+  got = terms.img_region_loss(jnp.asarray(logits), caption, has_cap, valid,
+                              pool=pool, temperature=tau, neg_weight=w)
+  s = logits[0].astype(np.float64)  # [N, Q]
+  if pool == "none":
+    assert got == 0
+    return
+  if pool == "max":
+    pooled = s.max(0)
+  else:
+    pooled = tau * np.log(np.exp(s / tau).sum(0))
+  want = (_np_softplus(-pooled[[0, 2]]).mean() +
+          w * _np_softplus(pooled[[1, 3]]).mean())
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_img_region_loss_rejects_unknown_pool():
+  with pytest.raises(ValueError, match="logsumexp"):
+    terms.img_region_loss(jnp.zeros((B, N, Q)), np.zeros((B, Q), bool),
+                          np.zeros(B, bool), np.ones((B, Q), bool),
+                          pool="mean", temperature=1.0, neg_weight=1.0)
