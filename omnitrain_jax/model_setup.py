@@ -23,7 +23,7 @@ import optax
 
 from omnitrain_jax import optim
 from omnitrain_jax import sharding
-from omnitrain_jax import train_state as train_step_lib
+from omnitrain_jax import train_step as train_step_lib
 from omnitrain_jax.data import schema
 from omnitrain_jax.losses import omni_loss as omni_loss_lib
 from omnitrain_jax.models import omnidet

@@ -3,7 +3,7 @@
 One training run (`python -m omnitrain_jax.main`, the tiny ShapesWorld
 config) serves the module. The evaluate binary runs on 2 fake devices, on 2
 processes (which must give the same files), and on a COCO file given by
-path; `run_evaluation`, the trainer's entry point, runs in this process.
+path; the `Evaluator` the trainer uses runs in this process.
 """
 
 import contextlib

@@ -254,7 +254,7 @@ class Vocabulary:
     if not path.exists():
       raise FileNotFoundError(
           f"Vocabulary file {path} does not exist; build one with "
-          "`python -m omnitrain_jax.vocab.build --out=vocab.txt FILES...`.")
+          "`python -m omnitrain_jax.data.build_vocab --out=vocab.txt FILES...`.")
     text = path.read_text(encoding="utf-8")
     if text.endswith("\n"):
       text = text[:-1]

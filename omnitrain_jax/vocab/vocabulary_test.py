@@ -69,7 +69,7 @@ def test_load_rejects_malformed_files(tmp_path, content, match):
 
 
 def test_load_missing_file_says_how_to_build(tmp_path):
-  with pytest.raises(FileNotFoundError, match="omnitrain_jax.vocab.build"):
+  with pytest.raises(FileNotFoundError, match="omnitrain_jax.data.build_vocab"):
     Vocabulary.load(tmp_path / "nope.txt")
 
 

@@ -1,4 +1,4 @@
-"""The training state and the pure train / eval steps.
+"""The training state and the pure train step (with the NaN/inf guard).
 
 `train_step(state, batch) -> (state, metrics)` is a pure function of arrays (no
 I/O); the trainer wraps it in one `jax.jit` with explicit shardings and donates
