@@ -18,7 +18,6 @@ from PIL import Image
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-CONFIG = str(REPO / "configs" / "shapes_demo.py") + ":tiny"
 QUERIES = ["red circle", "blue star", "zebra", "green square", "cross",
            "yellow triangle"]
 TRAINING_CODE = ("flax", "optax", "orbax", "grain")
@@ -39,21 +38,9 @@ def _run(cmd, timeout=600):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-  """A tiny run trained for 2 steps: (workdir, ShapesWorld root)."""
-  root = tmp_path_factory.mktemp("export")
-  workdir, cache = str(root / "work"), str(root / "cache")
-  _run([sys.executable, "-m", "omnitrain_jax.main", f"--config={CONFIG}",
-        f"--workdir={workdir}", f"--config.data.cache_dir={cache}",
-        "--config.total_steps=2"])
-  (data_root,) = pathlib.Path(cache).glob("shapes_world-*")
-  return workdir, data_root
-
-
-@pytest.fixture(scope="module")
-def export_dir(run, tmp_path_factory):
+def export_dir(tiny_run, tmp_path_factory):
   """The binary's export (symbolic batch, cpu + cuda + tpu lowerings)."""
-  workdir, _ = run
+  workdir, _ = tiny_run
   out = tmp_path_factory.mktemp("exported") / "detector"
   proc = _run([sys.executable, "-m", "omnitrain_jax.export",
                f"--workdir={workdir}", f"--out={out}"])
@@ -62,9 +49,9 @@ def export_dir(run, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def images(run, tmp_path_factory):
+def images(tiny_run, tmp_path_factory):
   """name -> path: the training size, larger, gray, RGBA, EXIF-rotated."""
-  _, data_root = run
+  _, data_root = tiny_run
   folder = tmp_path_factory.mktemp("images")
   shapes = data_root / "images" / "det_val" / "000000.jpg"
   paths = {"shapes": folder / "shapes.jpg",
@@ -86,9 +73,9 @@ def images(run, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def predictor(run):
+def predictor(tiny_run):
   from omnitrain_jax.evaluation import predictor as predictor_lib
-  workdir, _ = run
+  workdir, _ = tiny_run
   return predictor_lib.Predictor.from_workdir(workdir)
 
 
@@ -112,7 +99,7 @@ def _assert_same(got, want):
                                atol=0.02)
 
 
-def test_signature(export_dir, run):
+def test_signature(export_dir, tiny_run):
   sig = json.loads((export_dir / "signature.json").read_text())
   assert sig["platforms"] == ["cpu", "cuda", "tpu"]
   assert sig["inputs"]["images"] == {"shape": ["b", 64, 64, 3],
@@ -121,7 +108,7 @@ def test_signature(export_dir, run):
   assert sig["checkpoint_step"] == 2
   assert sig["config"]["model"]["image_size"] == 64
   assert set(sig["outputs"]) == {"scores", "boxes", "box_index", "keep"}
-  workdir, _ = run
+  workdir, _ = tiny_run
   assert (export_dir / "vocab.txt").read_text() == (
       pathlib.Path(workdir) / "vocab.txt").read_text()
 
@@ -166,11 +153,11 @@ def test_threshold_and_top_k(detector, images):
   assert strict["detections"] == []
 
 
-def test_fixed_batch_and_more_queries_than_the_export(run, predictor, images,
-                                                      tmp_path):
+def test_fixed_batch_and_more_queries_than_the_export(
+    tiny_run, predictor, images, tmp_path):
   from omnitrain_jax import export
   from omnitrain_jax import serving
-  workdir, _ = run
+  workdir, _ = tiny_run
   out = tmp_path / "small"
   sig = export.export_run(workdir, str(out), batch=2, max_queries=2,
                           max_tokens=2, max_boxes=3, platforms=["cpu"])
@@ -190,10 +177,10 @@ def test_fixed_batch_and_more_queries_than_the_export(run, predictor, images,
     detector.detect(paths, ["red circle"], top_k=4)
 
 
-def test_another_image_size(run, images, tmp_path):
+def test_another_image_size(tiny_run, images, tmp_path):
   from omnitrain_jax import export
   from omnitrain_jax import serving
-  workdir, _ = run
+  workdir, _ = tiny_run
   sig = export.export_run(workdir, str(tmp_path / "96"), image_size=96,
                           platforms=["cpu"])
   assert (sig["image_size"], sig["trained_image_size"]) == (96, 64)

@@ -16,7 +16,6 @@ from PIL import Image
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-CONFIG = str(REPO / "configs" / "shapes_demo.py") + ":tiny"
 
 
 def _env():
@@ -34,21 +33,9 @@ def _run(cmd, timeout=600):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-  """A tiny run trained for 2 steps: (workdir, ShapesWorld root)."""
-  root = tmp_path_factory.mktemp("predict")
-  workdir, cache = str(root / "work"), str(root / "cache")
-  _run([sys.executable, "-m", "omnitrain_jax.main", f"--config={CONFIG}",
-        f"--workdir={workdir}", f"--config.data.cache_dir={cache}",
-        "--config.total_steps=2"])
-  (data_root,) = pathlib.Path(cache).glob("shapes_world-*")
-  return workdir, data_root
-
-
-@pytest.fixture(scope="module")
-def images(run, tmp_path_factory):
+def images(tiny_run, tmp_path_factory):
   """name -> path of the test images, and their sizes as displayed."""
-  _, data_root = run
+  _, data_root = tiny_run
   folder = tmp_path_factory.mktemp("images")
   shapes = data_root / "images" / "det_val" / "000000.jpg"
   paths = {"shapes": folder / "shapes.jpg"}
@@ -80,8 +67,9 @@ def _check_boxes_inside(result):
                                atol=0.02)
 
 
-def test_binary_on_a_folder_of_all_kinds_of_images(run, images, tmp_path):
-  workdir, data_root = run
+def test_binary_on_a_folder_of_all_kinds_of_images(tiny_run, images,
+                                                    tmp_path):
+  workdir, data_root = tiny_run
   folder, paths, sizes = images
   out = tmp_path / "out"
   query_image = data_root / "images" / "det_val" / "000001.jpg"
@@ -112,9 +100,9 @@ def test_binary_on_a_folder_of_all_kinds_of_images(run, images, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def predictor(run):
+def predictor(tiny_run):
   from omnitrain_jax.evaluation import predictor as predictor_lib
-  workdir, _ = run
+  workdir, _ = tiny_run
   return predictor_lib.Predictor.from_workdir(workdir)
 
 

@@ -27,7 +27,6 @@ from PIL import Image
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-CONFIG = str(REPO / "configs" / "shapes_demo.py") + ":tiny"
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 INSTALL = ("run `sudo .ci/install_browser.sh` (Debian/Ubuntu: apt-get "
@@ -40,21 +39,6 @@ def _env():
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
   return env
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-  """A tiny run trained for 2 steps: (workdir, ShapesWorld root)."""
-  root = tmp_path_factory.mktemp("serve")
-  workdir, cache = str(root / "work"), str(root / "cache")
-  proc = subprocess.run(
-      [sys.executable, "-m", "omnitrain_jax.main", f"--config={CONFIG}",
-       f"--workdir={workdir}", f"--config.data.cache_dir={cache}",
-       "--config.total_steps=2"], env=_env(), capture_output=True, text=True,
-      timeout=600, cwd=str(REPO))
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  (data_root,) = pathlib.Path(cache).glob("shapes_world-*")
-  return workdir, data_root
 
 
 @contextlib.contextmanager
@@ -91,18 +75,18 @@ def _serving(args, logs):
 
 
 @pytest.fixture(scope="module")
-def server(run, tmp_path_factory):
+def server(tiny_run, tmp_path_factory):
   """The page's base URL, served from the run (default examples)."""
-  workdir, _ = run
+  workdir, _ = tiny_run
   with _serving([f"--workdir={workdir}", "--max_upload_mb=1"],
                 tmp_path_factory.mktemp("server_logs")) as url:
     yield url
 
 
 @pytest.fixture(scope="module")
-def export_server(run, tmp_path_factory):
+def export_server(tiny_run, tmp_path_factory):
   """The page of the run's CPU export (`omnitrain_jax.export`)."""
-  workdir, _ = run
+  workdir, _ = tiny_run
   out = str(tmp_path_factory.mktemp("export") / "detector")
   proc = subprocess.run(
       [sys.executable, "-m", "omnitrain_jax.export", f"--workdir={workdir}",
@@ -321,10 +305,10 @@ def _shown(driver):
   return count
 
 
-def test_page_in_headless_chromium(server, run, tmp_path):
+def test_page_in_headless_chromium(server, tiny_run, tmp_path):
   from selenium.webdriver.common.action_chains import ActionChains  # pylint: disable=g-import-not-at-top
   from selenium.webdriver.support.ui import WebDriverWait  # pylint: disable=g-import-not-at-top
-  _, data_root = run
+  _, data_root = tiny_run
   image = tmp_path / "shapes.jpg"
   image.write_bytes((data_root / "images" / "det_val" / "000001.jpg"
                      ).read_bytes())
