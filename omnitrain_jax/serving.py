@@ -33,7 +33,6 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from absl import logging
 import cv2
 import jax
 import numpy as np
@@ -170,12 +169,8 @@ class Detector:
     """Tokenizes as prediction does; warns about unknown words."""
     out = []
     for text in texts:
-      q = queries_lib.text_query(self.tokenizer, text)
-      if q.empty:
-        logging.warning("Query %r has no word in the vocabulary (unknown: "
-                        "%s): it finds nothing.", text,
-                        list(q.unknown) or "only stop words")
-      elif len(q.token_ids) > self.max_tokens:
+      q = queries_lib.user_query(self.tokenizer, text)
+      if len(q.token_ids) > self.max_tokens:
         raise ValueError(
             f"Query {text!r} has {len(q.token_ids)} known tokens "
             f"{list(q.tokens[0])} but the export takes {self.max_tokens}; "

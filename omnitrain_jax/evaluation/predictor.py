@@ -241,19 +241,7 @@ class Predictor:
 
   def text_queries(self, texts: Sequence[str]) -> list[queries_lib.Query]:
     """Tokenizes; logs unknown words and queries without any known token."""
-    out = []
-    for text in texts:
-      q = queries_lib.text_query(self.tokenizer, text)
-      if q.empty:
-        logging.warning("Query %r has no word in the vocabulary (unknown: "
-                        "%s): it scores 0 and finds nothing.", text,
-                        list(q.unknown) or "only stop words")
-      elif q.unknown:
-        logging.warning("Query %r: words not in the vocabulary are left out: "
-                        "%s (scored on %s).", text, list(q.unknown),
-                        list(q.tokens[0]))
-      out.append(q)
-    return out
+    return [queries_lib.user_query(self.tokenizer, text) for text in texts]
 
   def image_query(self, path: str, box_xywh: Sequence[float],
                   label: str | None = None) -> ImageQuery:

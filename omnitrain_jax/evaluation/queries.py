@@ -86,6 +86,24 @@ def text_query(tokenizer: tokenizer_lib.Tokenizer, text: str) -> Query:
                tokens=(tokens,) if ids else ())
 
 
+def user_query(tokenizer: tokenizer_lib.Tokenizer, text: str) -> Query:
+  """`text_query` for text a person typed: warns about what it leaves out.
+
+  A query without any known word scores 0 and finds nothing; words the
+  vocabulary lacks are left out of the score. Both are logged, never silent.
+  """
+  q = text_query(tokenizer, text)
+  if q.empty:
+    logging.warning("Query %r has no word in the vocabulary (unknown: %s): "
+                    "it scores 0 and finds nothing.", text,
+                    list(q.unknown) or "only stop words")
+  elif q.unknown:
+    logging.warning("Query %r: words not in the vocabulary are left out: %s "
+                    "(scored on %s).", text, list(q.unknown),
+                    list(q.tokens[0]))
+  return q
+
+
 def category_query(tokenizer: tokenizer_lib.Tokenizer, name: str) -> Query:
   """A category name, cleaned; "/" alternatives are OR-ed variants.
 

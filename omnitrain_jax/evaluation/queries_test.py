@@ -52,6 +52,19 @@ def test_text_query(tok):
   assert q.tokens == (("small", "red", "circle"),)
 
 
+def test_user_query_warns_about_what_it_leaves_out(tok, monkeypatch):
+  warnings = []
+  monkeypatch.setattr(queries.logging, "warning",
+                      lambda msg, *args: warnings.append(msg % args))
+  q = queries.user_query(tok, "red zebra")
+  assert q == queries.text_query(tok, "red zebra")
+  assert queries.user_query(tok, "giraffe").empty
+  assert queries.user_query(tok, "red circle").variants
+  assert len(warnings) == 2
+  assert "left out: ['zebra']" in warnings[0]
+  assert "finds nothing" in warnings[1] and "giraffe" in warnings[1]
+
+
 def test_phrase_query_takes_tokens_inside_the_spans(tok):
   caption = "the small red circle on the left and a star"
   enc = tok.encode(caption)
