@@ -685,60 +685,6 @@ def test_disk_full_is_recognised_in_tensorstore_and_os_errors():
   assert not checkpointing._is_disk_full(ValueError('shape mismatch'))
 
 
-# ---------------------------------------------- workdir lock, resume config
-
-_LOCK_HOLDER = """
-import sys, time
-from omnitrain_jax import checkpointing
-lock = checkpointing.WorkdirLock(sys.argv[1])
-lock.acquire()
-print('LOCKED', flush=True)
-time.sleep(600)
-"""
-
-
-def test_workdir_lock_names_the_holder_and_dies_with_it(tmp_path):
-  holder = subprocess.Popen(
-      [sys.executable, '-c', textwrap.dedent(_LOCK_HOLDER), str(tmp_path)],
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  try:
-    assert holder.stdout.readline().strip() == 'LOCKED', holder.stderr.read()
-    with pytest.raises(checkpointing.WorkdirInUseError) as e:
-      checkpointing.WorkdirLock(str(tmp_path)).acquire()
-    assert f'in use by pid {holder.pid} on host {socket.gethostname()}' in str(
-        e.value)
-    # Only process 0 takes the lock.
-    checkpointing.WorkdirLock(str(tmp_path), enabled=False).acquire()
-  finally:
-    holder.kill()  # A crash: nothing released by the holder itself.
-    holder.communicate()
-  with checkpointing.WorkdirLock(str(tmp_path)):
-    pass  # Not left stuck.
-
-
-def test_resume_config_refuses_shape_fields_and_lists_the_others():
-  saved = {'model': {'width': 32, 'depth': 2, 'dtype': 'float32'},
-           'data': {'spec': {'image_size': 64}, 'batch': {'det': 4}},
-           'batch_size': 8, 'optimizer': {'learning_rate': 1e-3}}
-  assert checkpointing.check_resume_config('W', saved, saved) == []
-  accepted = dict(saved, batch_size=16,
-                  optimizer={'learning_rate': 5e-4},
-                  model=dict(saved['model'], dtype='bfloat16'))
-  assert checkpointing.check_resume_config('W', saved, accepted) == [
-      'batch_size: 8 -> 16', 'model.dtype: \'float32\' -> \'bfloat16\'',
-      'optimizer.learning_rate: 0.001 -> 0.0005']
-  refused = dict(saved, batch_size=16,
-                 model=dict(saved['model'], width=48),
-                 data={'spec': {'image_size': 96}, 'batch': {'det': 4}})
-  with pytest.raises(checkpointing.ResumeConfigError) as e:
-    checkpointing.check_resume_config('W', saved, refused)
-  text = str(e.value)
-  assert 'model.width: 32 -> 48' in text
-  assert 'data.spec.image_size: 64 -> 96' in text
-  assert 'batch_size' not in text  # Only the refused fields.
-  assert '--workdir' in text and 'init_from' in text
-
-
 def test_disk_full_without_a_tmpfs_simulated_in_the_save_thread(
     tmp_path, monkeypatch):
   # Where a tmpfs cannot be mounted (not root): ENOSPC raised by the last

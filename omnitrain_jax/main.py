@@ -43,11 +43,12 @@ def main(argv):
   logging.info("JAX process %d / %d, local devices %s", jax.process_index(),
                jax.process_count(), jax.local_devices())
   from omnitrain_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from omnitrain_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   from omnitrain_jax import train  # pylint: disable=g-import-not-at-top
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (checkpointing.CheckpointError, checkpointing.WorkdirInUseError,
-          checkpointing.ResumeConfigError) as e:
+  except (checkpointing.CheckpointError, workdir_lib.WorkdirInUseError,
+          workdir_lib.ResumeConfigError) as e:
     # The message names the path, what is wrong and the fix; the traceback
     # (orbax's, for a failed save) only with --verbosity=1.
     logging.debug("Traceback:", exc_info=True)

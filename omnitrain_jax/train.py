@@ -42,6 +42,7 @@ from omnitrain_jax import metric_writers
 from omnitrain_jax import model_setup
 from omnitrain_jax import progress
 from omnitrain_jax import sharding
+from omnitrain_jax import workdir as workdir_lib
 from omnitrain_jax.data import pipeline
 from omnitrain_jax.data import preparation
 from omnitrain_jax.data import stats as stats_lib
@@ -112,12 +113,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Trains (resuming if `workdir` has a checkpoint); returns the last metrics.
 
   Refuses to start when another trainer holds the workdir
-  (`checkpointing.WorkdirLock`, taken by process 0) or when resuming with a
+  (`workdir_lib.WorkdirLock`, taken by process 0) or when resuming with a
   config that changes the shapes of the saved state.
   """
   workdir = os.path.abspath(workdir) if "://" not in workdir else workdir
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-  with checkpointing.WorkdirLock(workdir, enabled=jax.process_index() == 0):
+  with workdir_lib.WorkdirLock(workdir, enabled=jax.process_index() == 0):
     return _train_and_evaluate(config, workdir)
 
 
@@ -125,10 +126,10 @@ def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   lead = jax.process_index() == 0
   check_config(config)
   # Resuming: refuses config changes that change shapes, logs the others.
-  old_config = checkpointing.check_resume(workdir, config)
+  old_config = workdir_lib.check_resume(workdir, config)
   # ---------------------------------------------------------------- data
   info = preparation.prepare_data(config.data)
-  checkpointing.check_resume_vocab(workdir, info.vocab)
+  workdir_lib.check_resume_vocab(workdir, info.vocab)
   stats = stats_lib.PipelineStats()
   train_iter = iter(pipeline.make_train_dataset(config.data, info, stats=stats))
   # ------------------------------------- mesh, model, state, jitted step
