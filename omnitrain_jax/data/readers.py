@@ -36,7 +36,12 @@ packed in one UTF-8 buffer), and record dicts are built lazily in
 Validation happens here for annotations (images are checked when decoded, see
 `images.py`). Strict mode (default) raises `DataError` naming the file, the
 record and the fix at the first problem; lenient mode (``strict=False``) skips
-and counts in a `SkipCounter`:
+and counts in a `SkipCounter`. One exception: a COCO/LVIS instances box with
+zero or negative width or height (degenerate geometry that the official
+releases hold, e.g. COCO train2017 annotation 918; detectron2 and MDETR drop
+such boxes too) is dropped and counted in both modes, with one warning per file
+naming the count and the first annotation id. Structural errors (missing keys,
+wrong types, unknown image/category ids, NaN) stay fatal in strict mode.
 
 * a bad box (missing key, NaN/inf, zero or negative size, outside the image,
   unknown category or image id, bad text span) -> only that box is dropped;
@@ -176,6 +181,12 @@ class _Problems:
                   strict=self.strict, counter=self.counter, source=self.source)
     self.count += 1
 
+  def drop(self, record: str, problem: str, fix: str) -> None:
+    """Counts a skip in both modes (input an official release is known to
+    hold, e.g. COCO's zero-area boxes): never raises."""
+    self.counter.add(self.source, DataError(self.file, record, problem, fix))
+    self.count += 1
+
 
 def _counter(counter: SkipCounter | None) -> SkipCounter:
   return SkipCounter() if counter is None else counter
@@ -187,6 +198,16 @@ def _is_int(x) -> bool:
 
 def _is_number(x) -> bool:
   return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _image_side(x) -> int | None:
+  """An image width/height: an integer, or a numeric string as in MDETR's
+  Flickr30k files ("500"); None otherwise."""
+  if _is_int(x):
+    return int(x)
+  if isinstance(x, str) and x.strip().isascii() and x.strip().isdigit():
+    return int(x.strip())
+  return None
 
 
 def _is_text(x) -> bool:
@@ -313,7 +334,8 @@ class _Images:
 
   def __init__(self, entries: list, problems: _Problems,
                path_of: Callable[[dict], str | None], path_fix: str,
-               extra: Callable[[int, dict, str], bool] | None = None):
+               extra: Callable[[int, dict, str], bool] | None = None,
+               string_sizes: bool = False):
     """Parses the entries; bad ones are reported to `problems`.
 
     Args:
@@ -323,6 +345,8 @@ class _Images:
       path_fix: the fix to print for a bad path.
       extra: optional (kept index, entry, record name) -> ok; extra per-image
         parsing by the caller; False drops the entry (already reported).
+      string_sizes: also accept ``width``/``height`` given as numeric strings
+        (MDETR's Flickr30k files carry ``"500"``).
     """
     ids, widths, heights, paths = [], [], [], []
     self.index_of: dict[int, int] = {}
@@ -344,11 +368,16 @@ class _Images:
                  f"remove the duplicate, {_LENIENT_FIX}")
         continue
       w, h = im.get("width"), im.get("height")
+      if string_sizes:
+        w = _image_side(w) if _image_side(w) is not None else w
+        h = _image_side(h) if _image_side(h) is not None else h
       if not (_is_int(w) and _is_int(h) and w > 0 and h > 0):
         key = "width" if "width" not in im else "height"
+        expected = ("positive integers or numeric strings" if string_sizes
+                    else "positive integers")
         problem = (f"missing required key: {key!r}" if key not in im else
                    f"bad image size: width={_short(w)}, height={_short(h)}; "
-                   "expected positive integers")
+                   f"expected {expected}")
         problems(rec, problem, f"fix the entry, {_LENIENT_FIX}")
         self.dropped.add(iid)
         continue
@@ -498,8 +527,14 @@ def _parse_categories(cats: list, problems: _Problems, lvis: bool
 
 
 @formats.gc_paused
-def _checked_boxes(bboxes, rows, ann_ids, images, problems):
+def _checked_boxes(bboxes, rows, ann_ids, images, problems,
+                   drop_empty: bool = False):
   """Validates JSON ``[x, y, w, h]`` boxes; reports each bad one.
+
+  With `drop_empty`, zero or negative width/height (`BOX_EMPTY`: degenerate
+  geometry, which official releases hold, e.g. COCO train2017 annotation 918)
+  is dropped and counted in both modes, with one warning per file; every other
+  problem goes to `problems` (raises when strict).
 
   Returns:
     (clipped xyxy boxes [n, 4], their `check_boxes` codes [n]).
@@ -507,6 +542,7 @@ def _checked_boxes(bboxes, rows, ann_ids, images, problems):
   xyxy, malformed = _xyxy_from_json(bboxes)
   w, h = images.widths[rows], images.heights[rows]
   boxes, codes = check_boxes(xyxy, w, h)
+  dropped = []
   for b in np.flatnonzero(codes):
     rec = f"annotation id {ann_ids[b]} (image id {images.ids[rows[b]]})"
     if malformed[b]:
@@ -514,7 +550,17 @@ def _checked_boxes(bboxes, rows, ann_ids, images, problems):
                  "[x, y, width, height]")
     else:
       problem = box_problem(codes[b], xyxy[b], w[b], h[b])
+    if drop_empty and codes[b] == BOX_EMPTY and not malformed[b]:
+      problems.drop(rec, problem, "none needed: the box is dropped and "
+                    "counted in both modes")
+      dropped.append(ann_ids[b])
+      continue
     problems(rec, problem, f"fix or remove the annotation, {_LENIENT_FIX}")
+  if dropped:
+    logging.warning(
+        "%s: %s: dropped %d box(es) with zero or negative width or height "
+        "(degenerate geometry, counted as skips; first: annotation id %s)",
+        problems.source, problems.file, len(dropped), dropped[0])
   return boxes, codes
 
 
@@ -598,7 +644,8 @@ def _parse_instances(path: str, image_dir, *, name: str, strict: bool,
     bboxes.append(bbox)
 
   rows = np.asarray(rows, np.int64)
-  boxes, codes = _checked_boxes(bboxes, rows, ann_ids, images, problems)
+  boxes, codes = _checked_boxes(bboxes, rows, ann_ids, images, problems,
+                                drop_empty=True)
   for b in np.flatnonzero(codes):
     # A dropped box's object is still in the image: not a negative.
     unboxed[int(rows[b])].add(cats[b])
@@ -772,6 +819,12 @@ def load_mdetr_grounding(json_path: str | os.PathLike,
   per record: by the annotation's ``phrase_ids`` when present (Flickr30k
   entities), else boxes with identical ``tokens_positive`` share a phrase.
 
+  The files as MDETR released them are accepted: image ``width``/``height``
+  given as numeric strings (``"500"`` in ``final_flickr_separateGT_*.json``),
+  extra keys (``iscrowd``, ``area``, ``tokens_positive_eval``, ...; ``iscrowd``
+  is not used), and boxes overflowing the image within the tolerance (clipped,
+  as MDETR clamps). An empty ``tokens_positive`` list is a bad text span.
+
   Args:
     json_path: the MDETR JSON.
     image_dir: folder the entries' ``file_name`` is relative to.
@@ -802,7 +855,8 @@ def load_mdetr_grounding(json_path: str | os.PathLike,
     return True
 
   images = _Images(data["images"], problems, _file_name,
-                   "give the entry a 'file_name'", caption_of)
+                   "give the entry a 'file_name'", caption_of,
+                   string_sizes=True)
   rows, bboxes, keys, spans_list, ann_ids = [], [], [], [], []
   index_of = images.index_of
   for k, a in enumerate(data["annotations"]):

@@ -179,7 +179,13 @@ BOX_CASES = ["nan", "zero_size", "negative_size", "outside", "far_outside",
              "missing_bbox"]
 
 
-@pytest.mark.parametrize("case", BOX_CASES)
+# Zero/negative size is degenerate geometry: dropped and counted in strict mode
+# too (test_coco_zero_area_box_dropped_in_strict_mode).
+STRICT_BOX_CASES = [c for c in BOX_CASES
+                    if c not in ("zero_size", "negative_size")]
+
+
+@pytest.mark.parametrize("case", STRICT_BOX_CASES)
 def test_coco_bad_box_strict_raises(coco_dir, case):
   data = coco_data()
   mutate, reason = _ann_case(case)
@@ -207,6 +213,92 @@ def test_coco_bad_box_lenient_skips_only_the_box(coco_dir, case):
               "malformed_box"):
     # The car is still in the image: it must not become a negative.
     assert "car" not in rec["neg_texts"]
+
+
+def coco_release_data():
+  """A COCO train2017-shaped file (every key of the release) holding the real
+  zero-area annotation 918."""
+  return {
+      "info": {"description": "COCO 2017 Dataset", "version": "1.0",
+               "year": 2017},
+      "licenses": [{"url": "http://creativecommons.org/licenses/by-nc-sa/2.0/",
+                    "id": 1, "name": "Attribution-NonCommercial-ShareAlike "
+                    "License"}],
+      "images": [
+          {"license": 1, "file_name": "000000200365.jpg",
+           "coco_url": "http://images.cocodataset.org/train2017/"
+                       "000000200365.jpg", "height": 480, "width": 640,
+           "date_captured": "2013-11-18 02:53:27",
+           "flickr_url": "http://farm8.staticflickr.com/x.jpg",
+           "id": 200365},
+      ],
+      "annotations": [
+          {"segmentation": [[296.65, 388.33, 296.65, 388.33, 297.68, 388.33,
+                             297.68, 388.33]], "area": 0.0, "iscrowd": 0,
+           "image_id": 200365, "bbox": [296.65, 388.33, 1.03, 0.0],
+           "category_id": 58, "id": 918},
+          {"segmentation": [[239.97, 260.24, 222.04, 270.49, 199.84, 253.41]],
+           "area": 2765.15, "iscrowd": 0, "image_id": 200365,
+           "bbox": [199.84, 200.46, 77.71, 70.88], "category_id": 58,
+           "id": 156},
+      ],
+      "categories": [{"supercategory": "food", "id": 58, "name": "hot dog"},
+                     {"supercategory": "person", "id": 1, "name": "person"}],
+  }
+
+
+def test_coco_zero_area_box_dropped_in_strict_mode(tmp_path, monkeypatch):
+  warnings = []
+  monkeypatch.setattr(readers.logging, "warning",
+                      lambda msg, *args: warnings.append(msg % args))
+  for strict in (True, False):
+    warnings.clear()
+    counter = SkipCounter()
+    path = _write_json(tmp_path / "instances_train2017.json",
+                       coco_release_data())
+    src = readers.load_coco_instances(path, tmp_path / "train2017",
+                                      strict=strict, counter=counter)
+    assert len(src) == 1 and src.num_skipped == 1
+    assert counter.counts() == {"coco/empty box": 1}
+    assert "annotation id 918" in counter.report()
+    rec = src[0]
+    check_schema(rec)
+    np.testing.assert_allclose(rec["boxes"], [[199.84, 200.46, 277.55,
+                                               271.34]], rtol=1e-6)
+    # The dropped hot dog is still in the image: not a negative.
+    assert rec["box_texts"] == ["hot dog"] and rec["neg_texts"] == ["person"]
+    assert len(warnings) == 1, warnings
+    assert "instances_train2017.json" in warnings[0]
+    assert "dropped 1 box" in warnings[0] and "918" in warnings[0]
+  # Negative size is dropped the same way.
+  data = coco_release_data()
+  data["annotations"][0]["bbox"] = [296.65, 388.33, -1.0, 4.0]
+  src = readers.load_coco_instances(
+      _write_json(tmp_path / "neg.json", data), tmp_path)
+  assert len(src[0]["boxes"]) == 1 and src.num_skipped == 1
+
+
+def test_coco_nan_box_still_fatal_in_strict_mode(tmp_path):
+  data = coco_release_data()
+  data["annotations"].append(
+      {"segmentation": [], "area": 1.0, "iscrowd": 0, "image_id": 200365,
+       "bbox": [10.0, float("nan"), 5.0, 5.0], "category_id": 1, "id": 919})
+  path = _write_json(tmp_path / "instances_train2017.json", data)
+  with pytest.raises(DataError, match="non-finite box") as e:
+    readers.load_coco_instances(path, tmp_path)
+  assert "annotation id 919" in e.value.record
+  assert "instances_train2017.json" in str(e.value)
+  # Structural errors stay fatal too, beside the dropped zero-area box.
+  data = coco_release_data()
+  data["annotations"][1]["category_id"] = 999
+  with pytest.raises(DataError, match="unknown category id"):
+    readers.load_coco_instances(
+        _write_json(tmp_path / "cat.json", data), tmp_path)
+  counter = SkipCounter()
+  src = readers.load_coco_instances(path, tmp_path, strict=False,
+                                    counter=counter)
+  assert counter.counts() == {"coco/empty box": 1, "coco/non-finite box": 1}
+  assert src[0]["box_texts"] == ["hot dog"]
 
 
 def _image_case(case):
@@ -322,6 +414,22 @@ def test_lvis_bad_negative_list_both_modes(tmp_path):
   assert e.value.record == "image id 5"
   src = readers.load_lvis(path, tmp_path, strict=False)
   assert len(src) == 1 and src[0]["image_id"] == 6 and src.num_skipped == 1
+
+
+def test_lvis_zero_size_box_dropped_in_strict_mode(tmp_path):
+  data = lvis_data()
+  data["annotations"][1]["bbox"] = [1.5, 1.0, 0.0, 2.25]
+  data["annotations"][1]["area"] = 0.0
+  path = _write_json(tmp_path / "lvis.json", data)
+  counter = SkipCounter()
+  src = readers.load_lvis(path, tmp_path, counter=counter)
+  assert counter.counts() == {"lvis/empty box": 1} and src.num_skipped == 1
+  rec = src[0]
+  assert rec["box_texts"] == ["hot dog"]
+  assert rec["neg_texts"] == ["cat"]  # bow is still present: not negative.
+  data["annotations"][1]["bbox"] = [1.5, 1.0, "2", 2.25]
+  with pytest.raises(DataError, match="malformed box"):
+    readers.load_lvis(_write_json(tmp_path / "bad.json", data), tmp_path)
 
 
 def test_coco_file_given_to_lvis_reader_says_so(coco_dir):
@@ -543,6 +651,143 @@ def test_mdetr_bad_input_both_modes(tmp_path, case):
   else:  # Only the box goes.
     assert src[0]["box_texts"][0] == "two green squares"
     assert src[0]["phrase_ids"].tolist() == [0, 0, 1]
+
+
+def flickr_release_data():
+  """Shaped as MDETR's final_flickr_separateGT_train.json: sizes as strings
+  (from the Flickr30k XML via xmltodict), every key of the release."""
+  caption = "A man in a blue shirt is playing a guitar ."
+  return {
+      "images": [
+          {"file_name": "1000092795.jpg", "height": "500", "width": "333",
+           "id": 0, "caption": caption, "dataset_name": "flickr",
+           "tokens_negative": [[0, 1], [2, 5], [6, 8], [9, 10], [11, 15],
+                               [16, 21]],
+           "sentence_id": 0, "original_img_id": 1000092795,
+           "tokens_positive_eval": [[[0, 5]], [[9, 21]], [[33, 41]]]},
+          {"file_name": "10002456.jpg", "height": "375", "width": "500",
+           "id": 1, "caption": "Two dogs run .", "dataset_name": "flickr",
+           "tokens_negative": [[0, 3]], "sentence_id": 1,
+           "original_img_id": 10002456,
+           "tokens_positive_eval": [[[0, 8]]]},
+      ],
+      "annotations": [
+          {"area": 20100, "iscrowd": 0, "category_id": 1,
+           "bbox": [52, 70, 201, 100], "image_id": 0, "id": 0,
+           "tokens_positive": [[0, 5]], "phrase_ids": 126891},
+          {"area": 2310, "iscrowd": 0, "category_id": 1,
+           "bbox": [110, 80, 70, 33], "image_id": 0, "id": 1,
+           "tokens_positive": [[9, 21]], "phrase_ids": 126892},
+          {"area": 9000, "iscrowd": 0, "category_id": 1,
+           "bbox": [120, 300, 180, 50], "image_id": 0, "id": 2,
+           "tokens_positive": [[33, 41]], "phrase_ids": 126893},
+          # Overflows the 333 px wide image by 2 px: clipped.
+          {"area": 9000, "iscrowd": 0, "category_id": 1,
+           "bbox": [155, 100, 180, 50], "image_id": 0, "id": 3,
+           "tokens_positive": [[33, 41]], "phrase_ids": 126893},
+          {"area": 4000, "iscrowd": 0, "category_id": 1,
+           "bbox": [10, 20, 100, 40], "image_id": 1, "id": 4,
+           "tokens_positive": [[0, 8]], "phrase_ids": 5},
+      ],
+      "categories": [{"supercategory": "object", "id": 1, "name": "object"}],
+  }
+
+
+def test_mdetr_flickr_as_released_string_sizes(tmp_path):
+  path = _write_json(tmp_path / "final_flickr_separateGT_train.json",
+                     flickr_release_data())
+  src = readers.load_mdetr_grounding(path, tmp_path / "flickr30k",
+                                     name="flickr")
+  assert len(src) == 2 and src.num_skipped == 0
+  rec = src[0]
+  check_schema(rec)
+  assert (rec["width"], rec["height"]) == (333, 500)
+  assert rec["box_texts"] == ["A man", "a blue shirt", "a guitar",
+                              "a guitar"]
+  assert rec["phrase_ids"].tolist() == [0, 1, 2, 2]
+  np.testing.assert_array_equal(rec["boxes"][3], [155, 100, 333, 150])
+  assert (src[1]["width"], src[1]["height"]) == (500, 375)
+
+
+@pytest.mark.parametrize("size", ["abc", "", "12.5", "-3", "0", None, [500]])
+def test_mdetr_flickr_bad_string_size_both_modes(tmp_path, size):
+  data = flickr_release_data()
+  data["images"][0]["height"] = size
+  path = _write_json(tmp_path / "final_flickr_separateGT_val.json", data)
+  with pytest.raises(DataError, match="bad image size") as e:
+    readers.load_mdetr_grounding(path, tmp_path)
+  assert e.value.record == "image id 0"
+  assert "final_flickr_separateGT_val.json" in str(e.value)
+  assert "strict=False" in str(e.value)
+  src = readers.load_mdetr_grounding(path, tmp_path, strict=False)
+  # The entry goes, and its 4 boxes with it without extra noise.
+  assert len(src) == 1 and src[0]["image_id"] == 1 and src.num_skipped == 1
+
+
+def test_mdetr_flickr_empty_tokens_positive_both_modes(tmp_path):
+  data = flickr_release_data()
+  data["annotations"][1]["tokens_positive"] = []
+  path = _write_json(tmp_path / "final_flickr_separateGT_train.json", data)
+  with pytest.raises(DataError, match="bad text span") as e:
+    readers.load_mdetr_grounding(path, tmp_path)
+  assert "annotation id 1" in e.value.record and "strict=False" in str(e.value)
+  counter = SkipCounter()
+  src = readers.load_mdetr_grounding(path, tmp_path, strict=False,
+                                     counter=counter)
+  assert counter.counts() == {"mdetr/bad text span": 1}
+  assert src[0]["box_texts"] == ["A man", "a guitar", "a guitar"]
+  assert len(src) == 2
+
+
+def test_coco_reader_keeps_string_sizes_fatal(coco_dir):
+  data = coco_data()
+  data["images"][0]["width"] = "40"
+  with pytest.raises(DataError, match="bad image size"):
+    _load_coco(coco_dir, data)
+
+
+def test_mdetr_gqa_vg_box_few_px_outside_is_clipped(tmp_path):
+  # final_mixed_train.json (GoldG): Visual Genome boxes overflow by pixels.
+  data = {
+      "images": [
+          {"file_name": "2354786.jpg", "height": 600, "width": 800, "id": 7,
+           "caption": "the clock on the tower", "dataset_name": "gqa",
+           "tokens_negative": [[0, 3]], "data_source": "vg",
+           "original_img_id": 2354786}],
+      "annotations": [
+          {"area": 4600.0, "iscrowd": 0, "category_id": 1,
+           "bbox": [750.0, -3.0, 53.0, 90.0], "image_id": 7, "id": 70,
+           "tokens_positive": [[4, 9]]},
+          {"area": 9000.0, "iscrowd": 0, "category_id": 1,
+           "bbox": [700.0, 500.0, 100.0, 104.0], "image_id": 7, "id": 71,
+           "tokens_positive": [[17, 22]]}],
+      "categories": [{"supercategory": "object", "id": 1, "name": "object"}],
+  }
+  path = _write_json(tmp_path / "final_mixed_train.json", data)
+  src = readers.load_mdetr_grounding(path, tmp_path)
+  assert src.num_skipped == 0
+  np.testing.assert_array_equal(src[0]["boxes"], [[750, 0, 800, 87],
+                                                  [700, 500, 800, 600]])
+  assert src[0]["box_texts"] == ["clock", "tower"]
+
+
+def test_mdetr_refexp_iscrowd_accepted(tmp_path):
+  caption = "the woman in the red coat"
+  data = {
+      "images": [
+          {"file_name": "COCO_train2014_000000581857.jpg", "height": 640,
+           "width": 427, "id": 0, "original_id": 581857, "caption": caption,
+           "dataset_name": "refcocog", "tokens_negative": [[0, 25]]}],
+      "annotations": [
+          {"area": 24041.5, "iscrowd": 0, "image_id": 0, "category_id": 1,
+           "id": 0, "bbox": [103.93, 299.99, 134.22, 177.42],
+           "tokens_positive": [[0, 25]]}],
+      "categories": [{"supercategory": "person", "id": 1, "name": "person"}],
+  }
+  path = _write_json(tmp_path / "final_refcocog_train.json", data)
+  src = readers.load_mdetr_grounding(path, tmp_path)
+  assert len(src) == 1 and src.num_skipped == 0
+  assert src[0]["box_texts"] == [caption] and len(src[0]["boxes"]) == 1
 
 
 def test_mdetr_skip_empty(tmp_path):
