@@ -89,6 +89,13 @@ def data_config(tiny: bool = False) -> ml_collections.ConfigDict:
       overflow="count",  # Or "error" when positives exceed num_candidates.
   ))
   data.strict = True  # False: skip and count bad records.
+  # COCO/LVIS det train images that are RefCOCO/+/g evaluation images (COCO
+  # train2014 = part of train2017): "drop" (safe), "report" or "off".
+  data.eval_overlap = "drop"
+  # Lenient mode: this many skipped records in a row (at most 2N - 1 for a
+  # source of N records, a whole pass) end the run with an error instead of
+  # looping over a source that has no readable record.
+  data.max_consecutive_skips = 1000
   data.seed = 0
   # Parallelism per host (benchmarks/input_pipeline.py has measurements):
   # reader threads (GIL-bound at ~650 examples/s) and/or worker processes,
@@ -152,6 +159,9 @@ def add_training_sections(config: ml_collections.ConfigDict, *,
       no_decay_regex=r"(pos_embedding|cls|norm|bias|scale|token_embedding)",
       b1=0.9, b2=0.999, eps=1e-8,
       grad_clip_norm=1.0,
+      # "sparse": lazy AdamW on the step's candidate rows of the token
+      # table only (flat in V); "dense": the whole table every step.
+      token_table_update="sparse",
   ))
 
   # Device mesh: data x model (omnitrain_jax/sharding.py); -1 = the rest.
@@ -176,6 +186,9 @@ def add_training_sections(config: ml_collections.ConfigDict, *,
   eval_fields["max_batches"] = ml_collections.FieldReference(None, field_type=int)
   config.eval = ml_collections.ConfigDict(eval_fields)
   config.max_consecutive_nonfinite = 5
+  # After SIGTERM, how long a wait for the input pipeline may go on before the
+  # run stops without saving (a stalled source); see train.py "Stops".
+  config.stop_grace_secs = 5.0
   config.profile_steps = ()  # (start, stop) to trace with jax.profiler.
 
 

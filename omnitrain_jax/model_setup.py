@@ -55,7 +55,10 @@ class ModelSetup:
     mesh: the ``(data, model)`` device mesh.
     rules: the logical axis rules.
     model: the `OmniDet`.
-    tx: the optimizer.
+    tx: the optimizer (with the sparse table update: of the parameters
+      without the token table).
+    table_tx: the token table's optimizer with the sparse table update
+      (`optim.make_table_optimizer`), else None.
     schedule: step -> learning rate.
     state_shardings: `train_step.TrainState` of `NamedSharding`s.
     abstract_state: `TrainState` of `jax.ShapeDtypeStruct`s carrying the
@@ -73,6 +76,7 @@ class ModelSetup:
   abstract_state: Any
   init_fn: Callable[[int], Any]
   train_step: Callable[..., Any]
+  table_tx: optax.GradientTransformation | None = None
 
   @property
   def param_shardings(self) -> Any:
@@ -108,10 +112,20 @@ def create(config: ml_collections.ConfigDict, *, vocab_size: int,
       train_step_lib.init_variables, model=model, dummy_batch=dummy),
                          jax.random.key(0))
   abstract_params = nn.unbox(boxed)["params"]
-  tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps,
-                                      abstract_params)
+  sparse = optim.table_update(config.optimizer) == "sparse"
+  table_tx = None
+  if sparse:
+    tx, schedule = optim.make_optimizer(
+        config.optimizer, config.total_steps,
+        optim.split_table(abstract_params)[0], clip=False)
+    table_tx = optim.make_table_optimizer(config.optimizer,
+                                          config.total_steps)
+  else:
+    tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps,
+                                        abstract_params)
   create_state = functools.partial(train_step_lib.create_train_state,
-                                   model=model, tx=tx, dummy_batch=dummy)
+                                   model=model, tx=tx, dummy_batch=dummy,
+                                   table_tx=table_tx)
   abstract_state = jax.eval_shape(create_state, jax.random.key(0))
   # ------------------------------------------------------------ shardings
   specs = train_step_lib.state_logical_specs(boxed, tx, abstract_state)
@@ -123,8 +137,9 @@ def create(config: ml_collections.ConfigDict, *, vocab_size: int,
   init_fn = sharding.jit_in_mesh(
       lambda seed: create_state(jax.random.key(seed)), mesh, rules,
       out_shardings=state_shardings)
-  step_fn = train_step_lib.make_train_step(model, tx, loss_config(config),
-                                           schedule)
+  step_fn = train_step_lib.make_train_step(
+      model, tx, loss_config(config), schedule, table_tx=table_tx,
+      clip_norm=float(config.optimizer.grad_clip_norm or 0.0))
   train_step = sharding.jit_in_mesh(
       step_fn, mesh, rules,
       in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
@@ -133,4 +148,4 @@ def create(config: ml_collections.ConfigDict, *, vocab_size: int,
   return ModelSetup(mesh=mesh, rules=rules, model=model, tx=tx,
                     schedule=schedule, state_shardings=state_shardings,
                     abstract_state=abstract_state, init_fn=init_fn,
-                    train_step=train_step)
+                    train_step=train_step, table_tx=table_tx)

@@ -140,6 +140,12 @@ _SHAPE_PREFIXES = ('model.', 'data.spec.', 'data.vocab.')
 # `model` fields that change computation, not shapes.
 _MODEL_RUNTIME_FIELDS = ('model.dtype', 'model.remat', 'model.remat_policy',
                          'model.dropout', 'model.droppath')
+# Fields that fix the structure of the optimizer state: the sparse token-table
+# update keeps the table's moments apart (train_step.TrainState).
+_STATE_FIELDS = ('optimizer.token_table_update',)
+# What a saved config without the field meant: it is from before the field
+# existed, when the table was updated densely.
+_SAVED_DEFAULTS = {'optimizer.token_table_update': 'dense'}
 
 
 class ResumeConfigError(ValueError):
@@ -157,8 +163,8 @@ def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
 
 def changes_shapes(field: str) -> bool:
   """Whether a (dotted) config field fixes shapes of the saved state."""
-  return (field.startswith(_SHAPE_PREFIXES)
-          and field not in _MODEL_RUNTIME_FIELDS)
+  return ((field.startswith(_SHAPE_PREFIXES)
+           and field not in _MODEL_RUNTIME_FIELDS) or field in _STATE_FIELDS)
 
 
 def config_changes(saved: Mapping[str, Any],
@@ -166,6 +172,7 @@ def config_changes(saved: Mapping[str, Any],
   """[(dotted field, saved value, new value)] of the fields that differ."""
   absent = '(absent)'
   a, b = _flatten(checkpointing.to_jsonable(saved)), _flatten(checkpointing.to_jsonable(new))
+  a = {**{k: v for k, v in _SAVED_DEFAULTS.items() if k in b}, **a}
   return [(k, a.get(k, absent), b.get(k, absent)) for k in sorted(set(a) | set(b))
           if a.get(k, absent) != b.get(k, absent)]
 

@@ -59,3 +59,15 @@ def test_resume_config_refuses_shape_fields_and_lists_the_others():
   assert 'data.spec.image_size: 64 -> 96' in text
   assert 'batch_size' not in text  # Only the refused fields.
   assert '--workdir' in text and 'init_from' in text
+
+
+def test_resume_config_refuses_a_changed_table_update():
+  """The sparse table update keeps the table's moments apart: a run saved
+  with the other rule (or before the field existed: dense) cannot resume."""
+  saved = {'optimizer': {'learning_rate': 1e-3}}  # An older run: dense.
+  new = {'optimizer': {'learning_rate': 1e-3, 'token_table_update': 'sparse'}}
+  with pytest.raises(workdir.ResumeConfigError,
+                     match="token_table_update: 'dense' -> 'sparse'"):
+    workdir.check_resume_config('W', saved, new)
+  dense = {'optimizer': {'learning_rate': 1e-3, 'token_table_update': 'dense'}}
+  assert workdir.check_resume_config('W', saved, dense) == []
