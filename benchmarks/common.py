@@ -373,11 +373,15 @@ def synthetic_batch(spec: schema.Spec, composition: Mapping[str, int],
         ex["caption_tokens"][:c] = rng.integers(first, vocab_size, c)
       examples.append(ex)
   batch = {k: np.stack([ex[k] for ex in examples]) for k in examples[0]}
+  batch[candidates_lib.KEY] = np.stack([
+      candidates_lib.example_key("train", "synthetic", f"seed{seed}", i)
+      for i in range(len(examples))])
   sampler = candidates_lib.Candidates(
       spec.num_candidates,
       candidates_lib.sampling_probs(None, vocab_size),
-      min_vocab_negatives=min(min_vocab_negatives, spec.num_candidates))
-  return sampler.random_map(batch, rng)
+      min_vocab_negatives=min(min_vocab_negatives, spec.num_candidates),
+      seed=seed)
+  return sampler.build(batch)
 
 
 # ------------------------------------------------------------------ configs

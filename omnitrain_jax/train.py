@@ -9,8 +9,10 @@
   ``config.logical_rules`` (default: data + tensor parallel; ``fsdp``:
   parameters' ``embed`` axis also over ``data``).
 * **Data.** Each process builds its own share of every global batch (fixed
-  det/grd/img composition) and the shares are assembled into global arrays
-  (`jax.make_array_from_process_local_data`).
+  det/grd/img composition); its candidate tokens are drawn over the *global*
+  batch's positives, gathered from all processes (`GlobalCandidates`), so
+  that they do not depend on the number of processes; the shares are then
+  assembled into global arrays (`jax.make_array_from_process_local_data`).
 * **State.** Built abstract (`jax.eval_shape`), its logical specs turned into
   shardings, then initialised by `jax.jit(init, out_shardings=...)`, so no
   device ever holds the whole state unless the rules say so.
@@ -21,19 +23,29 @@
 * **Resume-first.** Latest checkpoint in the workdir > ``config.init_from`` >
   scratch. The grain iterator is saved with the state, so a resumed run sees
   the same batches and, the step being deterministic, the same losses.
-* **Stops.** SIGTERM (preemption) saves and exits; ``config.max_consecutive_
-  nonfinite`` skipped (NaN/inf) steps in a row stop the run with an error
-  naming the step and the non-finite parameter groups.
+* **Stops.** SIGTERM (preemption) saves at the end of the step and exits;
+  during start-up it stops at once, during an evaluation it ends the
+  evaluation and saves the step, and while the input pipeline delivers
+  nothing for ``config.stop_grace_secs`` after the signal (a stalled source)
+  it stops without a save (the position inside a batch cannot be saved):
+  `runtime.StopRequested`, exit code 143. A second signal stops at once.
+  ``config.max_consecutive_nonfinite`` skipped (NaN/inf) steps in a row stop
+  the run with an error naming the step and the non-finite parameter
+  groups.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
+import time
 from typing import Any
 
 from absl import logging
 from etils import epath
 import jax
+from jax._src import distributed  # The coordination service's client.
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
@@ -41,8 +53,10 @@ from omnitrain_jax import checkpointing
 from omnitrain_jax import metric_writers
 from omnitrain_jax import model_setup
 from omnitrain_jax import progress
+from omnitrain_jax import runtime
 from omnitrain_jax import sharding
 from omnitrain_jax import workdir as workdir_lib
+from omnitrain_jax.data import candidates as candidates_lib
 from omnitrain_jax.data import pipeline
 from omnitrain_jax.data import preparation
 from omnitrain_jax.data import stats as stats_lib
@@ -72,6 +86,72 @@ def batch_fingerprint(local_batch) -> float:
   ids = np.asarray(local_batch["image_id"], np.int64).ravel()
   weights = np.arange(1, ids.size + 1, dtype=np.int64)
   return float((ids * weights).sum() % 1_000_003)
+
+
+class GlobalCandidates:
+  """Adds each local batch's candidates, drawn over the *global* batch.
+
+  The pool of batch negatives is the global batch's positives: each process
+  contributes its examples' positive ids (int32 [B_local, M * T + C], a few
+  KB) to one host all-gather per step; the draws are keyed by each example's
+  identity (``_key``). So every example gets the same candidates for any
+  number of processes (`candidates.py`, "Determinism").
+
+  The all-gather goes through the coordination service's key-value store
+  (host to host) rather than `multihost_utils.process_allgather`: a device
+  all-gather would queue behind the step in flight and so make the host wait
+  for the device at every step, where it otherwise prepares the next batch
+  while the device computes.
+
+  Args:
+    builder: the candidate builder (`candidates.candidates_from_config`).
+  """
+
+  _runs = itertools.count()  # The same on every process: a key space per run.
+  timeout_s = 3600.0  # Others may be compiling the step, or restoring.
+
+  def __init__(self, builder: candidates_lib.Candidates):
+    self.builder = builder
+    self._prefix = f"omnitrain/candidate_pool/{next(self._runs)}"
+
+  def __call__(self, local: dict[str, np.ndarray], step: int
+               ) -> dict[str, np.ndarray]:
+    """`local` (the batch of `step` + 1) with its candidate fields."""
+    ids = candidates_lib.positive_ids(local)  # [B_local, M * T + C]
+    if jax.process_count() > 1:
+      ids = self._allgather(ids, step)  # [P, B_local, M * T + C]
+    return self.builder.build(local, pool=ids)
+
+  def _allgather(self, ids: np.ndarray, step: int) -> np.ndarray:
+    client = distributed.global_state.client
+    if client is None:  # Several processes without the service: the device.
+      return multihost_utils.process_allgather(ids)
+    me, count = jax.process_index(), jax.process_count()
+    client.key_value_set_bytes(f"{self._prefix}/{step}/{me}", ids.tobytes())
+    parts = []
+    for p in range(count):
+      raw = ids.tobytes() if p == me else self._get(client, step, p)
+      parts.append(np.frombuffer(raw, ids.dtype).reshape(ids.shape))
+    # Every process read this process's previous key before it sent its key
+    # of this step, which this process has just read: safe to delete.
+    client.key_value_delete(f"{self._prefix}/{step - 1}/{me}")
+    return np.stack(parts)
+
+  def _get(self, client, step: int, p: int) -> bytes:
+    # One-second waits: a signal's handler (a stop) runs between them.
+    deadline = time.monotonic() + self.timeout_s
+    while True:
+      try:
+        return client.blocking_key_value_get_bytes(
+            f"{self._prefix}/{step}/{p}", 1000)
+      except jax.errors.JaxRuntimeError as e:
+        if "DEADLINE_EXCEEDED" not in str(e):
+          raise
+        if time.monotonic() > deadline:
+          raise RuntimeError(
+              f"Process {p} did not send the positive ids of its batch of "
+              f"step {step + 1} within {self.timeout_s:.0f} s (the global "
+              "candidate pool): it stopped or hangs; see its log.") from e
 
 
 def _mean_metrics(history: list[dict[str, jax.Array]]) -> dict[str, float]:
@@ -118,20 +198,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   workdir = os.path.abspath(workdir) if "://" not in workdir else workdir
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-  with workdir_lib.WorkdirLock(workdir, enabled=jax.process_index() == 0):
-    return _train_and_evaluate(config, workdir)
+  with workdir_lib.WorkdirLock(workdir, enabled=jax.process_index() == 0), \
+      checkpointing.PreemptionGuard() as guard:
+    # A signal before the loop stops at once: there is nothing to save.
+    guard.set_section("starting up (data, model, checkpoint restore)")
+    return _train_and_evaluate(config, workdir, guard)
 
 
-def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+def _train_and_evaluate(config, workdir: str,
+                        guard: checkpointing.PreemptionGuard
+                        ) -> dict[str, Any]:
   lead = jax.process_index() == 0
   check_config(config)
   # Resuming: refuses config changes that change shapes, logs the others.
   old_config = workdir_lib.check_resume(workdir, config)
   # ---------------------------------------------------------------- data
-  info = preparation.prepare_data(config.data)
-  workdir_lib.check_resume_vocab(workdir, info.vocab)
+  # One report of what was skipped: the vocabulary build's, the readers'
+  # and the pipeline's.
   stats = stats_lib.PipelineStats()
-  train_iter = iter(pipeline.make_train_dataset(config.data, info, stats=stats))
+  info = preparation.prepare_data(config.data, skips=stats.skips)
+  workdir_lib.check_resume_vocab(workdir, info.vocab)
+  train_iter = iter(pipeline.make_train_dataset(config.data, info, stats=stats,
+                                                with_candidates=False))
+  candidates = GlobalCandidates(candidates_lib.candidates_from_config(
+      config.data, info.vocab, stats.candidates))
   # ------------------------------------- mesh, model, state, jitted step
   setup = model_setup.create(config, vocab_size=len(info.vocab),
                              spec=info.spec)
@@ -140,7 +230,8 @@ def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       workdir, save_every_steps=config.checkpoint_every_steps,
       max_to_keep=config.keep_checkpoints)
   restored = checkpointing.restore_or_init(
-      ckpt, setup.abstract_state, train_iter, init_from=config.init_from or None)
+      ckpt, setup.abstract_state, train_iter, init_from=config.init_from or None,
+      vocab=info.vocab)  # init_from's token rows, matched by token string.
   if restored is not None and restored.source == "workdir":
     state, start_step = restored.state, restored.step
   else:
@@ -177,12 +268,18 @@ def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   history: list[dict[str, jax.Array]] = []
   last: dict[str, Any] = {}
   nonfinite_run = 0
-  guard = checkpointing.PreemptionGuard()
+  guard.set_section(None)  # From here a signal stops at a step's end.
   ok = False  # No error on the way out: then log-flush errors are raised.
   try:
     while step < config.total_steps:
       profiler(step, block_on=state)
-      local = next(train_iter)
+      # A stalled pipeline never ends the step: a stop then cannot wait.
+      with guard.interruptible(
+          f"waiting for the input pipeline (batch of step {step + 1})",
+          grace_s=config.get("stop_grace_secs", 5.0),
+          detail="The position inside a batch cannot be saved: rerun the "
+          "same command to resume from the last checkpoint."):
+        local = candidates(next(train_iter), step)
       batch = sharding.host_to_global(local, setup.mesh)
       state, metrics = setup.train_step(state, batch)
       # Which examples this step saw (resume tests compare it step by step).
@@ -205,22 +302,31 @@ def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
           last.update(rates)
         writer.write_scalars(step, last)
         history = []
-      if at_end or (config.eval_every_steps and step % config.eval_every_steps == 0):
+      if not stop and (at_end or (config.eval_every_steps and
+                                  step % config.eval_every_steps == 0)):
         # The evaluation binary's code path: COCO JSON + metrics.json under
-        # WORKDIR/eval/STEP/, metrics also to the logs.
-        if evaluator is None:
-          evaluator = evaluator_lib.Evaluator(
-              config, info, model=setup.model, mesh=setup.mesh,
-              rules=setup.rules, param_shardings=setup.param_shardings)
-        last.update(evaluator.run(state.params, step=step, workdir=workdir,
-                                  writer=writer))
+        # WORKDIR/eval/STEP/, metrics also to the logs. A stop ends it; the
+        # step is then saved as after any stop.
+        try:
+          with guard.interruptible(f"evaluating step {step}"):
+            if evaluator is None:
+              evaluator = evaluator_lib.Evaluator(
+                  config, info, model=setup.model, mesh=setup.mesh,
+                  rules=setup.rules, param_shardings=setup.param_shardings)
+            last.update(evaluator.run(state.params, step=step,
+                                      workdir=workdir, writer=writer))
+        except runtime.StopRequested as e:
+          if e.detail:  # A second signal: no save either.
+            raise
+          logging.warning("%s The evaluation of step %d was not finished.",
+                          e, step)
+          stop = True
       ckpt.maybe_save(step, state, train_iter, meta, force=stop or at_end)
       if stop:
         logging.info("Preemption/stop requested: saved step %d, exiting.", step)
         break
     ok = True
   finally:
-    guard.close()
     profiler.stop()
     try:
       ckpt.close()  # Raises a failed last save (e.g. DiskFullError)...

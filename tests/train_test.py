@@ -126,28 +126,56 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+def _run_two_processes(workdir, cache_dir, overrides, devices: int) -> None:
+  """The trainer as 2 processes (localhost coordinator), `devices` each."""
+  port = _free_port()
+  procs = [subprocess.Popen(
+      _main_cmd(workdir, cache_dir, *overrides,
+                f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                f"--process_id={i}"),
+      env=_env(devices), cwd=str(REPO), stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True) for i in range(2)]
+  for p in procs:
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-4000:]
+
+
+def _assert_same_losses(single, multi) -> None:
+  a, b = _losses(single), _losses(multi)
+  assert sorted(a) == sorted(b) == [1, 2, 3]
+  for step in a:
+    np.testing.assert_allclose(b[step]["loss"], a[step]["loss"], rtol=2e-4,
+                               err_msg=f"step {step}")
+    for key in ("det/num_targets", "grd/num_targets", "img/num_targets"):
+      assert b[step][key] == a[step][key]
+
+
 def test_two_processes_match_one_process(tmp_path, cache_dir):
   common = ["--config.total_steps=3", "--config.log_every_steps=1",
             "--config.checkpoint_every_steps=100"]
   single = tmp_path / "single"
   _run(_main_cmd(single, cache_dir, *common), _env(4))
   multi = tmp_path / "multi"
-  port = _free_port()
-  procs = [subprocess.Popen(
-      _main_cmd(multi, cache_dir, *common,
-                f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                f"--process_id={i}"),
-      env=_env(2), cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-      text=True) for i in range(2)]
-  for p in procs:
-    _, err = p.communicate(timeout=600)
-    assert p.returncode == 0, err[-4000:]
-  a, b = _losses(single), _losses(multi)
-  assert sorted(a) == sorted(b) == [1, 2, 3]
-  for step in a:
-    np.testing.assert_allclose(b[step]["loss"], a[step]["loss"], rtol=2e-4)
-    for key in ("det/num_targets", "grd/num_targets", "img/num_targets"):
-      assert b[step][key] == a[step][key]
+  _run_two_processes(multi, cache_dir, common, devices=2)
+  _assert_same_losses(single, multi)
+
+
+def test_two_processes_draw_the_candidates_of_one_process(tmp_path,
+                                                          cache_dir):
+  # Q = 12 of the tiny vocabulary's 26 tokens: vocabulary and batch
+  # negatives are sampled, so per-process draws or per-process pools of
+  # batch negatives would change the losses.
+  q = 12
+  common = ["--config.total_steps=3", "--config.log_every_steps=1",
+            "--config.checkpoint_every_steps=100",
+            f"--config.data.spec.num_candidates={q}"]
+  single = tmp_path / "single"
+  _run(_main_cmd(single, cache_dir, *common), _env(2))
+  vocab = (single / "vocab.txt").read_text().splitlines()
+  assert len(vocab) > 2 * q
+  multi = tmp_path / "multi"
+  _run_two_processes(multi, cache_dir, common, devices=1)
+  _assert_same_losses(single, multi)
 
 
 def _committed_steps(workdir) -> list[int]:

@@ -26,9 +26,12 @@ Training graph (per process)::
                  .filter(DropSkipped)               # drop skip markers, collect
                                                     # every element's metadata
   per stream:  IterDataset.mix({source: ds}, weights) (if several sources)
-                 .map(StripMeta).batch(share, list) # this process's share
+                 .map(ExampleKey).map(StripMeta)    # identity of the draws
+                 .batch(share, list)                # this process's share
   all:         ZipIterDataset([det, grd, img]).map(StackStreams)
-                 .random_map(Candidates)            # needs the whole batch
+                 [.map(Candidates)]                 # with_candidates (tools);
+                                                    # the trainer adds them
+                                                    # over the global batch
                  [.mp_prefetch(workers)]            # whole pipeline / worker
                  .map(CountReport)                  # main process: counts
                  [ThreadPrefetchIterDataset]        # overlap with the step
@@ -49,8 +52,9 @@ Design decisions:
 * **Seeds.** Every random choice derives from ``data.seed`` and names
   (`derive_seed`): each source's shuffle and augmentation, the candidates.
   Shuffle and augmentation use the *global* record index (before the process
-  shard), so they do not depend on the number of processes; the candidate
-  sampler adds the process index. `repeat()` after `shuffle()` reshuffles
+  shard), so they do not depend on the number of processes; so do the
+  candidates, keyed by each example's (source, global index) (`ExampleKey`;
+  `candidates.py`, "Determinism"). `repeat()` after `shuffle()` reshuffles
   each epoch.
 * **Sharding.** Process p of P takes elements ``p, p + P, ...`` of each
   source's shuffled, repeated sequence (`MapDataset.slice`): over an epoch
@@ -59,13 +63,16 @@ Design decisions:
   divisible).
 * **Checkpointing.** The returned dataset's iterator implements
   ``get_state()/set_state()`` exactly (sources' positions, per-element rng
-  counters, the candidate sampler's counter), also with worker processes; save
+  counters; the candidates keep no state), also with worker processes; save
   it with orbax via ``grain.checkpoint.CheckpointSave(it)``. The state's
   layout depends on ``num_workers`` (grain's mp_prefetch keeps one state per
   worker): resume with the same worker count.
 * **Bad input.** Strict mode raises the transforms' `DataError` (naming the
   file). Lenient mode turns bad records into skip markers, which
-  `stats.DropSkipped` drops before batching. Every element's metadata (skip,
+  `stats.DropSkipped` drops before batching; ``data.max_consecutive_skips``
+  skips in a row (at most 2N - 1 for N records: they hold a whole pass, so
+  a pass that yields nothing) raise a `DataError` naming the source and the commonest reason, where the
+  repeated source would otherwise never yield a batch. Every element's metadata (skip,
   truncation counts of `PadToSpec`, epoch) travels in the batch (``_report``)
   to `stats.CountReport`, which runs in the main process -- also when the rest
   runs in worker processes --, counts it in `stats.PipelineStats` and logs a
@@ -108,10 +115,37 @@ from omnitrain_jax.data import transforms
 
 META = transforms.META
 REPORT = candidates_lib.REPORT
+KEY = candidates_lib.KEY
 
 
 # ----------------------------------------------------------------------------
 # Transforms of the composition.
+
+
+class ExampleKey(grain.transforms.Map):
+  """Adds ``_key``, the example's identity for the candidate draws.
+
+  (split, stream, source, global index) -> `candidates.example_key`: the
+  index is the one `transforms.AttachMeta` gave before the process shard, so
+  the key does not depend on the number of processes.
+  """
+
+  def map(self, element):
+    meta = element[META]
+    return {**element, KEY: candidates_lib.example_key(
+        "train", meta["stream"], meta["source"], meta["index"])}
+
+
+class _EvalKey(grain.transforms.MapWithIndex):
+  """Eval: ``_key`` from the record's index in the file (shard item i of
+  process p of P is record p + i * P; padding examples continue the count)."""
+
+  def __init__(self, source: str, stream: str, pi: int, pc: int):
+    self.source, self.stream, self.pi, self.pc = source, stream, pi, pc
+
+  def map_with_index(self, index: int, element):
+    return {**element, KEY: candidates_lib.example_key(
+        "eval", self.stream, self.source, self.pi + index * self.pc)}
 
 
 class StripMeta(grain.transforms.Map):
@@ -259,8 +293,8 @@ def _active_sources(info: preparation.DataInfo, stream: str
 def make_train_dataset(config: Any, info: preparation.DataInfo, *,
                        process_index: int | None = None,
                        process_count: int | None = None,
-                       stats: stats_lib.PipelineStats | None = None
-                       ) -> grain.IterDataset:
+                       stats: stats_lib.PipelineStats | None = None,
+                       with_candidates: bool = True) -> grain.IterDataset:
   """The training dataset of this process: infinite, fixed composition.
 
   Args:
@@ -271,11 +305,17 @@ def make_train_dataset(config: Any, info: preparation.DataInfo, *,
     stats: where skips/truncations are counted (a new `stats.PipelineStats`
       when None; pass one to read the counts, e.g. for the trainer's
       metrics).
+    with_candidates: add the candidate fields, their batch negatives taken
+      from this process's batch (the global batch when process_count is 1).
+      The trainer passes False and adds them over the global batch
+      (`candidates.Candidates.build`): the batches then carry the example
+      keys (``_key``, int64 [B, 2]) instead.
 
   Returns:
-    A `grain.IterDataset` of batches with `schema.batch_shapes(spec, B)`,
-    B = sum(data.batch) / process_count, ordered [det..., grd..., img...].
-    Iterate with ``iter(ds)`` and checkpoint the iterator.
+    A `grain.IterDataset` of batches with `schema.batch_shapes(spec, B)`
+    (see `with_candidates`), B = sum(data.batch) / process_count, ordered
+    [det..., grd..., img...]. Iterate with ``iter(ds)`` and checkpoint the
+    iterator.
   """
   pi, pc = _process(process_index, process_count)
   shares = local_batch_shares(config.batch, pc)
@@ -312,20 +352,28 @@ def make_train_dataset(config: Any, info: preparation.DataInfo, *,
           num_threads=threads[(stream, name)],
           prefetch_buffer_size=config.prefetch_buffer_size
           if threads[(stream, name)] else 0))
-      per_source[name] = it.filter(stats_lib.DropSkipped(collector))
+      # A source whose records are all bad would loop forever: a bounded
+      # run of skips is an error. 2N - 1 skips in a row hold a whole pass
+      # over the N records (the epochs are permutations), so a source with
+      # some good records never trips the cap below.
+      limit = 0 if config.strict else min(
+          int(config.get("max_consecutive_skips", 1000)) or 2 * len(records),
+          2 * len(records) - 1)
+      per_source[name] = it.filter(stats_lib.DropSkipped(
+          collector, source=f"{stream}/{name}", file=str(spec.train),
+          limit=limit))
       weights[name] = spec.weight
     if len(per_source) == 1:
       sds = next(iter(per_source.values()))
     else:
       sds = grain.IterDataset.mix(per_source, weights)
-    sds = sds.map(StripMeta()).batch(shares[stream], drop_remainder=True,
-                                     batch_fn=_as_list)
+    sds = sds.map(ExampleKey()).map(StripMeta())
+    sds = sds.batch(shares[stream], drop_remainder=True, batch_fn=_as_list)
     parts.append(sds)
 
   ds = grain.experimental.ZipIterDataset(parts).map(StackStreams(collector))
-  ds = ds.random_map(
-      candidates_lib.candidates_from_config(config, info.vocab),
-      seed=derive_seed(config.seed, "candidates", pi))
+  if with_candidates:
+    ds = ds.map(candidates_lib.candidates_from_config(config, info.vocab))
   if config.num_workers:
     # Whole batches cross the process boundary: one transfer per batch
     # rather than a dozen shared-memory arrays per example, which capped
@@ -393,9 +441,10 @@ def make_eval_dataset(config: Any, info: preparation.DataInfo, *,
     process_count: processes (default ``jax.process_count()``).
     stats: skip counts (see `make_train_dataset`).
     with_candidates: add candidate tokens as in training (for a validation
-      loss). Off by default: candidates start with the example's own
-      positives, i.e. the labels; detection metrics score the full vocabulary
-      or the dataset's category tokens instead.
+      loss), keyed by the record's index in the file and with the batch
+      negatives of the process's batch. Off by default: candidates start
+      with the example's own positives, i.e. the labels; detection metrics
+      score the full vocabulary or the dataset's category tokens instead.
 
   Returns:
     A finite `grain.IterDataset` of batches (`schema.example_shapes`, plus the
@@ -425,15 +474,16 @@ def make_eval_dataset(config: Any, info: preparation.DataInfo, *,
   ds = ds.map_with_index(_EvalMeta(source, stream, shard.num_real))
   ds = _apply(ds, _chain(config, info, train=False), 0)
   ds = ds.map(EvalFill(info.spec, stream, stats))
+  if with_candidates:
+    ds = ds.map_with_index(_EvalKey(source, stream, pi, pc))
   it = ds.to_iter_dataset(grain.ReadOptions(
       num_threads=config.num_threads,
       prefetch_buffer_size=config.prefetch_buffer_size
       if config.num_threads else 0))
   it = it.batch(local, drop_remainder=False)
   if with_candidates:
-    it = it.random_map(candidates_lib.candidates_from_config(
-        config, info.vocab, stats.candidates),
-                       seed=derive_seed(config.seed, "eval_candidates", pi))
+    it = it.map(candidates_lib.candidates_from_config(
+        config, info.vocab, stats.candidates))
   return it
 
 
