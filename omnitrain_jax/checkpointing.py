@@ -16,9 +16,15 @@ orbax's API moves quickly (the legacy `save(step, pytree)` already fails in
   so a checkpoint saved on one mesh restores onto another.
 * `restore_or_init(...)`: resume-first logic. Latest checkpoint in the workdir
   > `init_from` (another run's checkpoint: params only, for fine-tuning)
-  > scratch (returns None; the caller runs its jitted init).
+  > scratch (returns None; the caller runs its jitted init). Given the new
+  run's vocabulary, `init_from`'s token table is matched to it by token
+  string (the source run's ``WORKDIR/vocab.txt``; `vocab_transfer`), as are
+  the params `restore_params` reads for evaluation / prediction with another
+  vocabulary.
 * `PreemptionGuard`: turns SIGTERM (the preemption notice on Cloud TPU, GKE and
-  SLURM) into a stop at a step every process agrees on.
+  SLURM) into a stop at a step every process agrees on; in the sections the
+  trainer marks (start-up, the wait for a batch, evaluation) a signal that
+  cannot wait for a step raises `runtime.StopRequested`.
 * Integrity: every save carries `STEP/checksums.json` (size and crc32 of each
   file), written by process 0 before orbax commits the step. Restores verify
   it first: a damaged step (flipped bytes, truncated or deleted files) is
@@ -113,6 +119,9 @@ from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
+from omnitrain_jax import vocab_transfer
+from omnitrain_jax.vocab import vocabulary as vocabulary_lib
+
 CHECKPOINT_SUBDIR = 'checkpoints'
 STATE = 'state'
 DATA_ITER = 'data_iter'
@@ -136,6 +145,9 @@ _UNHASHED = ('_CHECKPOINT_METADATA', COMMIT_MARKER)
 # A damaged step is renamed `STEP.damaged` (kept for inspection, out of orbax's
 # step list, so keep-N rotation never counts it and the step can be redone).
 DAMAGED_SUFFIX = '.damaged'
+# The token table in the params (`models.omnidet.TOKEN_TABLE`): restored by
+# token string when the vocabularies differ (`restore_params_from`).
+TOKEN_TABLE = 'token_embedding'
 
 _COMMIT_MODES = {
     'auto': ocp.options.AtomicityMode.AUTO,
@@ -776,12 +788,16 @@ class Restored:
     state: See `source`.
     meta: The checkpoint's meta dict (config, metrics, version, ...).
     path: The step directory it came from.
+    vocab_report: How the token rows were mapped to another vocabulary
+      (`vocab_transfer.TransferReport`), None when the table was restored as
+      saved.
   """
   source: str
   step: int
   state: Any
   meta: dict[str, Any]
   path: str
+  vocab_report: vocab_transfer.TransferReport | None = None
 
 
 def _first_line(error: BaseException) -> str:
@@ -848,6 +864,8 @@ def _latest_good_readonly(directory: epath.Path) -> int | None:
 def _resolve_init_from(path: epath.PathLike,
                        verify: bool = True) -> tuple[epath.Path, int]:
   """Returns (checkpoints dir, step) for a step dir, checkpoints dir or workdir."""
+  if '://' not in str(path):  # Orbax reads only absolute paths.
+    path = os.path.abspath(os.path.expanduser(os.fspath(path)))
   path = epath.Path(path)
   if (path / STATE).is_dir():
     if TMP_SUFFIX in path.name or not path.name.isdigit():
@@ -873,12 +891,60 @@ def _resolve_init_from(path: epath.PathLike,
   return path, step
 
 
+def source_vocab(init_from: epath.PathLike
+                 ) -> vocabulary_lib.Vocabulary | None:
+  """The vocabulary another run trained with: its ``WORKDIR/vocab.txt``.
+
+  Args:
+    init_from: the run's workdir, its ``checkpoints/`` or a ``STEP`` directory
+      (as `restore_params_from` takes).
+
+  Returns:
+    The vocabulary, or None when the workdir keeps none (runs older than the
+    copy the trainer writes at every start).
+  """
+  path = epath.Path(init_from)
+  if (path / STATE).is_dir():  # checkpoints/STEP
+    path = path.parent
+  if path.name == CHECKPOINT_SUBDIR:
+    path = path.parent
+  vocab_path = epath.Path(vocab_transfer.workdir_vocab_path(path))
+  if not vocab_path.exists():
+    return None
+  return vocabulary_lib.Vocabulary.load(vocab_path)
+
+
+def _replicated_like(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
+  """A fully replicated sharding on the devices of `sharding`."""
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    return jax.sharding.NamedSharding(sharding.mesh,
+                                      jax.sharding.PartitionSpec())
+  return sharding  # Single-device.
+
+
+def _token_table_key(target: Any) -> str | None:
+  """The key of the token table in a params tree, None if it has none."""
+  if isinstance(target, Mapping) and TOKEN_TABLE in target:
+    return TOKEN_TABLE
+  return None
+
+
 def restore_params_from(init_from: epath.PathLike,
                         abstract_state: Any,
                         keys: Sequence[str] = ('params',),
                         *,
-                        verify: bool = True) -> Restored:
+                        verify: bool = True,
+                        vocab: vocabulary_lib.Vocabulary | None = None
+                        ) -> Restored:
   """Restores only `keys` of another run's `state` (e.g. for fine-tuning).
+
+  With `vocab` (the new run's vocabulary) the token table
+  (``params["token_embedding"]``) is matched **by token string** to the
+  vocabulary the other run trained with (its ``WORKDIR/vocab.txt``):
+  shared tokens keep their trained rows, new ones start from their word
+  pieces, dropped ones are reported (`vocab_transfer.transfer_table`; one
+  log line with counts and examples). The source table is read replicated,
+  mapped on the host and placed on the target's sharding.
 
   Args:
     init_from: A run workdir, its `checkpoints/` directory (latest finished step
@@ -888,9 +954,12 @@ def restore_params_from(init_from: epath.PathLike,
       state, other heads): only these keys are read.
     keys: Top-level fields of the state to restore.
     verify: check the step's checksums (False: the caller did).
+    vocab: the new run's vocabulary; None restores the table as saved (it
+      must then have the target's shape).
 
   Returns:
-    `Restored(source='init_from', step=0, state={key: subtree}, ...)`.
+    `Restored(source='init_from', step=0, state={key: subtree}, ...)`, with
+    `vocab_report` set when the token rows were mapped.
 
   Raises:
     CheckpointError: the step is damaged or orbax cannot read it (for a
@@ -899,6 +968,24 @@ def restore_params_from(init_from: epath.PathLike,
   directory, step = _resolve_init_from(init_from, verify=verify)
   target = {k: _get_field(abstract_state, k) for k in keys}
   target = _to_abstract(target)
+  old_vocab = source_vocab(directory) if vocab is not None else None
+  table_key = (_token_table_key(target.get('params'))
+               if 'params' in target else None)
+  remap = (old_vocab is not None and table_key is not None
+           and old_vocab.tokens != vocab.tokens)
+  if remap:
+    # The saved table has the source's rows; read it whole, map on the host.
+    new_table = target['params'][table_key]
+    target['params'] = dict(target['params'])
+    target['params'][table_key] = jax.ShapeDtypeStruct(
+        (len(old_vocab),) + tuple(new_table.shape[1:]), new_table.dtype,
+        sharding=_replicated_like(new_table.sharding))
+  hint = ''
+  if vocab is not None and old_vocab is None:
+    hint = (f' {directory.parent} keeps no {vocab_transfer.VOCAB_FILE}, so '
+            'its token rows cannot be matched to this vocabulary by token: '
+            'copy the vocabulary file that run trained with to '
+            f'{vocab_transfer.workdir_vocab_path(directory.parent)}.')
   manager = ocp.CheckpointManager(
       directory, item_names=(STATE, META),
       options=ocp.CheckpointManagerOptions(read_only=True))
@@ -920,18 +1007,33 @@ def restore_params_from(init_from: epath.PathLike,
     raise CheckpointError(
         f'Restoring {list(keys)} from checkpoint {directory / str(step)} '
         f'failed: {_first_line(e)}. If the config changed shapes since that '
-        'save, the parameters do not fit this model.') from e
+        f'save, the parameters do not fit this model.{hint}') from e
   finally:
     manager.close()
   path = str(directory / str(step))
+  state = dict(restored[STATE])
+  report = None
+  if remap:
+    state['params'] = dict(state['params'])
+    old = state['params'][table_key]
+    # Replicated: every process holds the whole source table.
+    table, report = vocab_transfer.transfer_table(
+        np.asarray(old.addressable_data(0)), old_vocab, vocab)
+    state['params'][table_key] = jax.make_array_from_callback(
+        table.shape, new_table.sharding, lambda index: table[index])
+    if jax.process_index() == 0:
+      logging.info('Token table from %s: %s.', path, report.summary())
   if jax.process_index() == 0:
     logging.info('Initialized %s from %s.', list(keys), path)
-  return Restored(source='init_from', step=0, state=dict(restored[STATE]),
-                  meta=dict(restored[META] or {}), path=path)
+  return Restored(source='init_from', step=0, state=state,
+                  meta=dict(restored[META] or {}), path=path,
+                  vocab_report=report)
 
 
 def restore_params(workdir: str, abstract_state: Any,
-                   step: int | None = None) -> tuple[Any, int]:
+                   step: int | None = None, *,
+                   vocab: vocabulary_lib.Vocabulary | None = None
+                   ) -> tuple[Any, int]:
   """Restores only the params of a finished checkpoint onto their shardings.
 
   For evaluation and prediction. Opens no `Checkpointer` (which would clean
@@ -942,6 +1044,9 @@ def restore_params(workdir: str, abstract_state: Any,
     abstract_state: the abstract train state (`model_setup`), whose params
       carry the target shardings.
     step: the step, or None for the latest finished one.
+    vocab: the vocabulary the model is built for; when it differs from the
+      run's ``WORKDIR/vocab.txt``, the token rows are matched by token
+      string (see `restore_params_from`).
 
   Returns:
     (params, step).
@@ -960,7 +1065,7 @@ def restore_params(workdir: str, abstract_state: Any,
     raise ValueError(f'--checkpoint_step={step} is not a finished checkpoint '
                      f'in {workdir}; finished steps: {steps}.')
   restored = restore_params_from(directory / str(step), abstract_state,
-                                 keys=('params',), verify=verify)
+                                 keys=('params',), verify=verify, vocab=vocab)
   return restored.state['params'], int(step)
 
 
@@ -969,7 +1074,8 @@ def restore_or_init(checkpointer: Checkpointer,
                     data_iter: Any = None,
                     *,
                     init_from: epath.PathLike | None = None,
-                    init_from_keys: Sequence[str] = ('params',)
+                    init_from_keys: Sequence[str] = ('params',),
+                    vocab: vocabulary_lib.Vocabulary | None = None
                    ) -> Restored | None:
   """Resume-first: workdir checkpoint > `init_from` params > scratch (None).
 
@@ -984,6 +1090,9 @@ def restore_or_init(checkpointer: Checkpointer,
       Ignored once this run has its own checkpoint, so a preempted fine-tuning
       run resumes instead of starting over.
     init_from_keys: The state fields taken from `init_from`.
+    vocab: This run's vocabulary: `init_from`'s token rows are matched to it
+      by token string (`restore_params_from`), so a fine-tuning run with new
+      class names keeps the trained rows of the shared tokens.
 
   Returns:
     A `Restored`, or None when the caller should initialize from scratch.
@@ -1011,7 +1120,8 @@ def restore_or_init(checkpointer: Checkpointer,
     return Restored(source='workdir', step=step, state=state, meta=meta,
                     path=str(step_dir))
   if init_from:
-    return restore_params_from(init_from, abstract_state, init_from_keys)
+    return restore_params_from(init_from, abstract_state, init_from_keys,
+                               vocab=vocab)
   if jax.process_index() == 0:
     logging.info('No checkpoint in %s and no init_from: starting from scratch.',
                  checkpointer.directory)
@@ -1048,12 +1158,21 @@ class PreemptionGuard:
   * Multi-process with JAX's preemption service (the default after
     `jax.distributed.initialize()`): `should_stop(step)` is
     `multihost_utils.reached_preemption_sync_point(step)`, True on every process
-    at the same step. No Python handler is installed (it would replace JAX's).
+    at the same step. No Python handler is installed (it would replace JAX's),
+    so stops take effect at step ends only.
   * Single process: a Python SIGTERM handler sets a flag that `should_stop`
     returns.
   * Multi-process with the preemption service disabled: the Python handler,
     and `should_stop` all-gathers the flags (a small host collective each call)
     so every process stops at the same step.
+
+  A stop must also work where no step ends (a stalled input pipeline, a long
+  evaluation), so with the Python handler the trainer marks such sections:
+  inside ``interruptible(where)`` a signal raises `runtime.StopRequested`
+  at once; inside ``interruptible(where, grace_s=G)`` (the wait for a batch)
+  the flag is set and the batch gets `G` seconds to arrive (a healthy
+  pipeline then ends the step and saves as usual) before the handler raises.
+  A second signal raises anywhere.
 
   `should_stop` must be called by every process at every step (the sync point
   protocol counts steps). Construct it from the main thread (signal handlers
@@ -1067,15 +1186,82 @@ class PreemptionGuard:
         multi_process and jax.config.jax_enable_preemption_service)
     self._all_gather = multi_process and not self._use_sync_point
     self._previous = {}
+    self._signals = 0  # Received so far.
+    self._where = None  # The interruptible section the main thread is in.
+    self._grace_s = None  # Its grace period (None: raise at once).
+    self._detail = ''  # Its sentence for the error.
+    self._timer = None  # Fires when a grace period has run out.
+    self._grace_over = False
+    self._resent = False  # The timer's signal is not a second one.
+    self._signum = signal.SIGTERM  # Of the first signal.
     if not self._use_sync_point:
       for signum in signals:
         self._previous[signum] = signal.signal(signum, self._handle)
 
   def _handle(self, signum, frame) -> None:
     del frame
-    logging.warning('Received signal %d: will save and stop at the next step.',
-                    signum)
+    from omnitrain_jax import runtime  # pylint: disable=g-import-not-at-top
+    if self._resent:  # Our own, at the end of a grace period.
+      self._resent = False
+    else:
+      self._signals += 1
+      self._signum = signum
     self._flag.set()
+    where = self._where
+    if self._signals > 1:
+      raise runtime.StopRequested(
+          signum, where or 'finishing a step',
+          f'A second signal: stopping at once. {self._detail}'.strip())
+    if where is not None and (self._grace_s is None or self._grace_over):
+      raise runtime.StopRequested(signum, where, self._detail)
+    if where is not None:
+      self._start_grace()
+      return
+    logging.warning('Received signal %d: will save and stop at the next step '
+                    '(a second signal stops at once).', signum)
+
+  def _start_grace(self) -> None:
+    """Gives the current section `_grace_s` seconds before it is stopped."""
+    if self._timer is not None:
+      return
+    logging.warning('Stop requested (signal %d) while %s: stopping if it does '
+                    'not end within %.0f s, else at the end of the step.',
+                    self._signum, self._where, self._grace_s)
+    # Handlers run in the main thread: a timer thread re-sends the signal to
+    # it when the grace period is over, which also interrupts a blocked wait.
+    main = threading.main_thread().ident
+
+    def expire():
+      self._grace_over = True
+      self._resent = True
+      signal.pthread_kill(main, self._signum)
+
+    self._timer = threading.Timer(self._grace_s, expire)
+    self._timer.daemon = True
+    self._timer.start()
+
+  def interruptible(self, where: str, grace_s: float | None = None,
+                    detail: str = ''):
+    """A section where a signal stops the run (`runtime.StopRequested`).
+
+    Args:
+      where: what the main thread is doing ("waiting for the input
+        pipeline"), for the message.
+      grace_s: None: raise at the signal. Else the section may end normally
+        for this many seconds after the signal (a stop then happens at the
+        step's end, with a save).
+      detail: a sentence for the error (what was saved, what to do).
+
+    Returns:
+      A context manager. Entering it after a signal already arrived raises
+      at once when `grace_s` is None.
+    """
+    return _Interruptible(self, where, grace_s, detail)
+
+  def set_section(self, where: str | None, detail: str = '') -> None:
+    """Enters (or, with None, leaves) a section where a signal raises at
+    once, without a context manager (the trainer's start-up)."""
+    self._where, self._grace_s, self._detail = where, None, detail
 
   def request_stop(self) -> None:
     """Asks for a stop as if a signal had arrived.
@@ -1100,6 +1286,8 @@ class PreemptionGuard:
 
   def close(self) -> None:
     """Restores the signal handlers that were installed before."""
+    if self._timer is not None:
+      self._timer.cancel()
     for signum, handler in self._previous.items():
       signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
     self._previous = {}
@@ -1109,3 +1297,31 @@ class PreemptionGuard:
 
   def __exit__(self, *exc_info) -> None:
     self.close()
+
+
+class _Interruptible:
+  """`PreemptionGuard.interruptible`'s section (not reentrant)."""
+
+  def __init__(self, guard: PreemptionGuard, where: str,
+               grace_s: float | None, detail: str):
+    self.guard, self.where, self.grace_s = guard, where, grace_s
+    self.detail = detail
+
+  def __enter__(self) -> None:
+    g = self.guard
+    if not g._previous:  # No Python handler here (sync-point mode): no-op.
+      return
+    if g._flag.is_set() and (self.grace_s is None or g._grace_over):
+      from omnitrain_jax import runtime  # pylint: disable=g-import-not-at-top
+      raise runtime.StopRequested(g._signum, self.where, self.detail)
+    g._where, g._grace_s, g._detail = self.where, self.grace_s, self.detail
+    if g._flag.is_set():  # A stop is pending: this section has the grace.
+      g._start_grace()
+
+  def __exit__(self, *exc_info) -> None:
+    g = self.guard
+    g._where = g._grace_s = None
+    g._detail = ''
+    if g._timer is not None:  # The batch came in time: stop at the step end.
+      g._timer.cancel()
+      g._timer = None

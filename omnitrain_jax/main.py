@@ -7,9 +7,6 @@ e.g. ``--config.total_steps=1000``; the config is locked, so a mistyped field
 fails instead of being silently added.
 """
 
-import os
-import sys
-
 from absl import app
 from absl import flags
 from absl import logging
@@ -17,6 +14,7 @@ import jax
 from ml_collections import config_flags
 
 from omnitrain_jax import runtime
+from omnitrain_jax.data import errors as data_errors
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config file, e.g. configs/shapes_demo.py[:tiny].",
@@ -45,20 +43,14 @@ def main(argv):
   from omnitrain_jax import checkpointing  # pylint: disable=g-import-not-at-top
   from omnitrain_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   from omnitrain_jax import train  # pylint: disable=g-import-not-at-top
-  try:
+  # Each message names the path or setting, what is wrong and the fix; the
+  # traceback (orbax's, for a failed save) only with --verbosity=1.
+  with data_errors.exit_on_user_errors(
+      (*runtime.USER_ERRORS, checkpointing.CheckpointError,
+       workdir_lib.WorkdirInUseError, workdir_lib.ResumeConfigError,
+       train.NonFiniteError),
+      lenient="--config.data.strict=False"):
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (checkpointing.CheckpointError, workdir_lib.WorkdirInUseError,
-          workdir_lib.ResumeConfigError) as e:
-    # The message names the path, what is wrong and the fix; the traceback
-    # (orbax's, for a failed save) only with --verbosity=1.
-    logging.debug("Traceback:", exc_info=True)
-    sys.stdout.flush()
-    sys.stderr.write(f"\nError: {e}\n")
-    sys.stderr.flush()
-    # Not sys.exit: orbax's threads of a failed save would print pages of
-    # "Event loop is closed" while the interpreter shuts down.
-    os._exit(1)  # pylint: disable=protected-access
-
 
 if __name__ == "__main__":
   app.run(main)

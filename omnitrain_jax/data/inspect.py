@@ -8,12 +8,16 @@ Prints one JSON line per batch::
   {"batch": 0, "streams": {"det": 4, "grd": 2, "img": 2}, "boxes": 21,
    "boxes_per_stream": {...}, "tokens_per_box": 2.1, "caption_tokens": ...,
    "neg_tokens": ..., "candidates_used": ..., "cand_known": ..., "cand_bg": ...,
-   "skipped": 0, "dropped": {...}}
+   "skipped": 0, "skip_visits": 0, "dropped": {...}}
 
 and, with ``--png``, draws the first batch's examples (augmented, as the model
 sees them) with their boxes and tokens decoded to words through the
 vocabulary. ``--split=val`` inspects the evaluation pipeline of ``--stream``
 instead. Config overrides work as everywhere (``--config.data.strict=False``).
+``skipped`` counts distinct bad records so far, ``skip_visits`` every time
+one was met (once per epoch of its source). Bad data in strict mode, and a
+source with no readable record in lenient mode, end it with one ``Error:``
+line (exit code 1).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import numpy as np
 from PIL import Image
 from PIL import ImageDraw
 
+from omnitrain_jax.data import errors
 from omnitrain_jax.data import pipeline
 from omnitrain_jax.data import preparation
 from omnitrain_jax.data import schema
@@ -106,9 +111,18 @@ def draw_grid(batch: dict[str, np.ndarray], vocab, *, tile: int = 256,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  data = _CONFIG.value.data
-  info = preparation.prepare_data(data)
+  # Bad data is one line (DataError names the file and record), with
+  # --config.data.strict=False as the way to skip it; --verbosity=1 shows the
+  # traceback.
+  with errors.exit_on_user_errors(
+      (errors.DataError, FileNotFoundError, ValueError),
+      lenient="--config.data.strict=False"):
+    _inspect(_CONFIG.value.data)
+
+
+def _inspect(data) -> None:
   stats = stats_lib.PipelineStats()
+  info = preparation.prepare_data(data, skips=stats.skips)
   if _SPLIT.value == "train":
     ds = pipeline.make_train_dataset(data, info, process_index=0,
                                      process_count=1, stats=stats)
@@ -124,8 +138,9 @@ def main(argv):
       break
     line = {"batch": i, **batch_stats(batch),
             "skipped": stats.skips.total(),
+            "skip_visits": stats.skips.total_visits(),
             "dropped": {k: v for k, v in stats.counts().items()
-                        if not k.startswith("skipped/")}}
+                        if not k.startswith(("skipped/", "skip_visits/"))}}
     print(json.dumps(line), flush=True)
     if i == 0 and _PNG.value:
       draw_grid(batch, info.vocab, tile=_TILE.value).save(_PNG.value)

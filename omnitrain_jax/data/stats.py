@@ -15,7 +15,11 @@ the batch:
                .map(CountReport(stats))          # main process: counts it in
                                                  # `PipelineStats`
 
-`PipelineStats` logs a report at the end of every epoch of every source.
+`PipelineStats` logs a report at the end of every epoch of every source;
+skips count distinct records (and, apart, visits: a repeated source meets a
+bad record once per epoch). `DropSkipped` ends lenient mode's skip-and-repeat
+loop over a source with no readable record with a `DataError` (a bounded run
+of skips in a row) instead of a hang.
 Counts are not part of the iterator state (after a resume they count from
 zero).
 """
@@ -99,6 +103,7 @@ class PipelineStats:
     with self._lock:
       out = {f"{k}/{s}": v for (s, k), v in sorted(self._counts.items())}
     out.update({f"skipped/{k}": v for k, v in self.skips.counts().items()})
+    out.update({f"skip_visits/{k}": v for k, v in self.skips.visits().items()})
     out.update({f"candidates/{k}": v
                 for k, v in self.candidates.counts().items()})
     return out
@@ -106,7 +111,7 @@ class PipelineStats:
   def report(self) -> str:
     lines = [self.skips.report()]
     lines += [f"  {k}: {v}" for k, v in self.counts().items()
-              if not k.startswith("skipped/")]
+              if not k.startswith(("skipped/", "skip_visits/"))]
     return "\n".join(lines)
 
 
@@ -134,15 +139,55 @@ class MetaCollector:
 
 class DropSkipped(grain.transforms.Filter):
   """Drops skip markers before batching; every element's metadata (skipped
-  or not) goes to the `MetaCollector`."""
+  or not) goes to the `MetaCollector`.
 
-  def __init__(self, collector: MetaCollector):
+  One per source. `limit` consecutive skip markers raise a `DataError`
+  naming the source, the count and the commonest reason: lenient mode would
+  otherwise loop forever over a repeated source with no readable record
+  (every image missing), never yielding a batch.
+  """
+
+  def __init__(self, collector: MetaCollector, *, source: str = "",
+               file: str = "", limit: int = 0):
+    """Args: collector: see the class doc. source: ``stream/name``, for the
+    error. file: the source's annotation file, for the error. limit: skips
+    in a row that stop the run (0: never)."""
     self.collector = collector
+    self.source, self.file, self.limit = source, file, int(limit)
+    self._run = 0  # Skips in a row.
+    self._reasons = collections.Counter()  # Of the current run.
+    self._first: dict[str, str] = {}
 
   def filter(self, element) -> bool:
     if META in element:
       self.collector.add(element[META])
-    return not transforms.is_skipped(element)
+    if not transforms.is_skipped(element):
+      if self._run:
+        self._run = 0
+        self._reasons.clear()
+        self._first.clear()
+      return True
+    if self.limit:
+      error = transforms.skip_error(element)
+      why = errors.reason(error)
+      self._run += 1
+      self._reasons[why] += 1
+      self._first.setdefault(why, str(error))
+      if self._run >= self.limit:
+        self._fail()
+    return False
+
+  def _fail(self) -> None:
+    why, n = self._reasons.most_common(1)[0]
+    raise errors.DataError(
+        self.file or self.source, f"data source {self.source}",
+        f"no usable record: the last {self._run} records read were all "
+        f"skipped in lenient mode, {n} of them for {why!r} (first: "
+        f"{self._first[why]})",
+        "fix the data (python -m omnitrain_jax.data.inspect lists the "
+        "skips), or take the source out of data.sources (or give it weight "
+        "0); data.max_consecutive_skips sets how many skips in a row end the "
+        "run")
 
 
 class CountReport(grain.transforms.Map):

@@ -122,13 +122,21 @@ class Evaluator:
     local = self.batch_size // pc
     # make_eval_dataset gives process p records p, p + P, ... then padding.
     num_real = len(range(pi, task.num_records, pc))
-    for j, batch in enumerate(batches):
-      if self.options.max_batches is not None and j >= self.options.max_batches:
-        break
-      feed = {k: np.asarray(batch[k]) for k in context_lib.FEED_KEYS}
-      pos = j * local + np.arange(local)
-      records = np.where(pos < num_real, pi + pos * pc, -1)
-      yield j, task.feed(records, feed)
+    it = iter(batches)
+    try:
+      for j, batch in enumerate(it):
+        if (self.options.max_batches is not None
+            and j >= self.options.max_batches):
+          break
+        feed = {k: np.asarray(batch[k]) for k in context_lib.FEED_KEYS}
+        pos = j * local + np.arange(local)
+        records = np.where(pos < num_real, pi + pos * pc, -1)
+        yield j, task.feed(records, feed)
+    finally:
+      # Also when a stop request (`runtime.StopRequested`) ends the
+      # evaluation: no reader thread is left behind to block the exit.
+      if hasattr(it, "close"):
+        it.close()
 
   def _run_dataset(self, ds: datasets_lib.EvalDataset, params,
                    out_dir: epath.Path | None) -> dict[str, float]:
