@@ -1,7 +1,9 @@
 """Tests of the format sniffer and the shared file parsers."""
 
+import io
 import json
 import pickle
+import tarfile
 
 import pytest
 
@@ -34,6 +36,12 @@ def test_sniffs_every_format(tmp_path):
   refs = tmp_path / "refs(umd).p"
   refs.write_bytes(pickle.dumps([{"sentences": []}], protocol=2))
   files["refcoco"] = refs
+  shard = tmp_path / "00000.tar"
+  with tarfile.open(shard, "w") as tar:
+    info = tarfile.TarInfo("000000000.txt")
+    info.size = 1
+    tar.addfile(info, io.BytesIO(b"a"))
+  files["webdataset"] = shard
   assert set(files) == set(formats.FORMATS)
   for want, path in files.items():
     assert formats.sniff_format(path) == want, path
@@ -90,3 +98,20 @@ def test_unreadable_file(tmp_path):
     formats.load_json(tmp_path / "missing.json")
   with pytest.raises(DataError, match="missing refs file"):
     formats.load_refs(tmp_path / "missing.p")
+
+
+def test_expand_shards_braces_globs_and_lists(tmp_path):
+  for i in (0, 1, 2, 10):
+    (tmp_path / f"{i:05d}.tar").write_bytes(b"")
+  d = str(tmp_path)
+  assert formats.expand_shards(f"{d}/{{00000..00002}}.tar") == [
+      f"{d}/{i:05d}.tar" for i in range(3)]
+  assert formats.expand_shards(f"{d}/*.tar") == [
+      f"{d}/{i:05d}.tar" for i in (0, 1, 2, 10)]
+  assert formats.expand_shards("s/{a,b}-{8..10}.tar") == [
+      "s/a-8.tar", "s/a-9.tar", "s/a-10.tar", "s/b-8.tar", "s/b-9.tar",
+      "s/b-10.tar"]
+  # Several patterns joined by "::"; a plain missing path is kept (the
+  # reader reports it), a glob that matches nothing gives nothing.
+  assert formats.expand_shards(f"{d}/00010.tar::x/1.tar::{d}/none*.tar") == [
+      f"{d}/00010.tar", "x/1.tar"]

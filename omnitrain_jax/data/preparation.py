@@ -25,6 +25,9 @@ from typing import Any
 
 from absl import logging
 
+from omnitrain_jax.data import errors
+from omnitrain_jax.data import formats
+from omnitrain_jax.data import readers
 from omnitrain_jax.data import schema
 from omnitrain_jax.data import shapes_world
 from omnitrain_jax.data import sources as sources_lib
@@ -33,7 +36,7 @@ from omnitrain_jax.vocab import tokenizer as tokenizer_lib
 from omnitrain_jax.vocab import vocabulary as vocabulary_lib
 
 # Bump when the vocabulary cache key must change (builder behaviour).
-_VOCAB_CACHE_VERSION = 1
+_VOCAB_CACHE_VERSION = 2  # 2: LVIS compounds stay whole (grid rule).
 _BUILD_VOCAB = "python -m omnitrain_jax.data.build_vocab"
 
 
@@ -51,6 +54,10 @@ class DataInfo:
     spec: the static shapes (`schema.Spec`).
     splits: ShapesWorld's ``splits.json`` (open-vocabulary split: base and
       novel tokens and categories); None for other data.
+    held_out: the train/eval leakage check (`hold_out_eval_images`):
+      policy, number of refexp evaluation images, their sources; each det
+      source's count is logged when it is opened (and counted as skips
+      under ``"drop"``).
   """
   root: str
   sources: dict[str, dict[str, sources_lib.SourceSpec]]
@@ -59,6 +66,7 @@ class DataInfo:
   tokenizer: tokenizer_lib.Tokenizer
   spec: schema.Spec
   splits: dict | None = None
+  held_out: dict | None = None
 
 
 def default_cache_dir() -> str:
@@ -146,13 +154,19 @@ def _vocab_files(sources: Mapping[str, Mapping[str, sources_lib.SourceSpec]],
             f"Build one from its annotation files with `{_BUILD_VOCAB} "
             "--out=vocab.txt TRAIN_ANNOTATION_FILES...` and set "
             "data.vocab.path.")
-      files.append(spec.train)
+      if sources_lib.READERS[spec.reader].shards:
+        # Each shard is a file the vocabulary reads (its captions).
+        files.extend(p for p in formats.expand_shards(spec.train)
+                     if os.path.exists(p))
+      else:
+        files.append(spec.train)
   return files
 
 
 def ensure_vocabulary(files: Sequence[str], cache_dir: str, *,
                       max_size: int, split_categories: bool = False,
-                      min_count: int = 1) -> str:
+                      min_count: int = 1, strict: bool = True,
+                      skips: errors.SkipCounter | None = None) -> str:
   """A vocabulary built from `files`, cached by the files and the params.
 
   Args:
@@ -161,6 +175,9 @@ def ensure_vocabulary(files: Sequence[str], cache_dir: str, *,
     max_size: see `vocab.builder.build_vocabulary`.
     split_categories: see `vocab.builder.build_vocabulary`.
     min_count: see `vocab.builder.build_vocabulary`.
+    strict: False: captions that are no text are skipped (`vocab_inputs`).
+    skips: where they are counted (also when the vocabulary comes from the
+      cache: ``vocab-*.skipped.json`` beside it lists them).
 
   Returns:
     The vocabulary file: the cached one when the files (path, size, mtime)
@@ -173,13 +190,28 @@ def ensure_vocabulary(files: Sequence[str], cache_dir: str, *,
   digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()
                           ).hexdigest()[:16]
   path = os.path.join(cache_dir, "vocab", f"vocab-{digest}.txt")
+  skipped_path = path[:-len(".txt")] + ".skipped.json"
+  skips = skips if skips is not None else errors.SkipCounter()
   if os.path.exists(path):
+    if os.path.exists(skipped_path):  # A lenient build's skips, again.
+      with open(skipped_path) as f:
+        skipped = [errors.DataError(*fields) for fields in json.load(f)]
+      for error in skipped:
+        errors.handle(error, strict=strict, counter=skips,
+                      source=vocab_inputs.SKIP_SOURCE)
     return path
   logging.info("Building the vocabulary from %s ...", list(files))
   vocab, summary = vocab_inputs.build_from_files(
       list(files), max_size=max_size, split_categories=split_categories,
-      min_count=min_count)
+      min_count=min_count, strict=strict, counter=skips)
   os.makedirs(os.path.dirname(path), exist_ok=True)
+  if summary.get("skipped_records"):
+    logging.warning("Vocabulary: skipped %s (data.strict=False).",
+                    summary["skipped"])
+    tmp = f"{skipped_path}.{os.getpid()}.{threading.get_ident()}"
+    with open(tmp, "w") as f:  # Before the vocabulary: a cache hit has it.
+      json.dump(summary["skipped_records"], f)
+    os.replace(tmp, skipped_path)
   # Vocabulary.save writes a temporary file and renames it: race-safe.
   tmp = f"{path}.{os.getpid()}.{threading.get_ident()}"
   vocab.save(tmp)
@@ -190,11 +222,104 @@ def ensure_vocabulary(files: Sequence[str], cache_dir: str, *,
   return path
 
 
-def prepare_data(config: Any) -> DataInfo:
+# Readers whose records are COCO images that refexp evaluation may reuse.
+_COCO_DET_READERS = ("coco_instances", "lvis")
+_REFEXP_NAMES = ("refcoco", "refcoco+", "refcocog")
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool)
+
+
+def refexp_eval_images(spec: sources_lib.SourceSpec
+                       ) -> tuple[frozenset[int], str]:
+  """COCO image ids of a grounding source's referring-expression eval splits.
+
+  RefCOCO/+/g evaluate on COCO train2014 images, which COCO train2017 (and
+  LVIS train) also holds. A ``refcoco`` source (the refer release) gives
+  the images of every ref whose split is not ``train`` (val, testA, testB,
+  test: the splits papers report), whatever its ``val_split``; an
+  ``mdetr_grounding`` source gives the images of its ``val`` file when they
+  are RefCOCO/+/g's (COCO file names, or ``dataset_name`` refcoco*; matched
+  by `readers.coco_image_id`, else ``original_id``). Other sources (Flickr30k,
+  captions, TFDS) give none.
+
+  Returns:
+    (image ids, what they are, for messages).
+  """
+  ids, what = set(), ""
+  if spec.reader == "refcoco":
+    refs = {}
+    for path in dict.fromkeys(p for p in (spec.train, spec.val) if p):
+      for r in formats.load_refs(path):
+        if (isinstance(r, dict) and r.get("split") != "train"
+            and _is_int(r.get("image_id"))):
+          refs.setdefault(r["split"], set()).add(int(r["image_id"]))
+    for split_ids in refs.values():
+      ids |= split_ids
+    what = f"{', '.join(sorted(map(str, refs)))} of {spec.name}"
+  elif spec.reader == "mdetr_grounding" and spec.val:
+    data = formats.load_json(spec.val)
+    for im in data.get("images", ()) if isinstance(data, dict) else ():
+      if not isinstance(im, dict):
+        continue
+      cid = readers.coco_image_id(im.get("file_name"))
+      if (cid is None and str(im.get("dataset_name", "")).lower()
+          in _REFEXP_NAMES and _is_int(im.get("original_id"))):
+        cid = int(im["original_id"])
+      if cid is not None:
+        ids.add(cid)
+    what = f"{os.path.basename(spec.val)} of {spec.name}"
+  return frozenset(ids), what
+
+
+def hold_out_eval_images(sources, policy: str):
+  """Marks the COCO det train sources with the refexp evaluation images.
+
+  Args:
+    sources: stream -> name -> `sources.SourceSpec` (`source_specs`).
+    policy: ``config.data.eval_overlap``: ``"drop"``, ``"report"`` or
+      ``"off"`` (neither reads the eval files nor checks).
+
+  Returns:
+    `sources` with ``held_out_*`` set on the COCO/LVIS det sources (when a
+    refexp source is configured), and the report: {"policy", "eval_images",
+    "from"}.
+  """
+  if policy not in ("drop", "report", "off"):
+    raise ValueError(f"data.eval_overlap={policy!r}; use 'drop' (the "
+                     "default: train without the refexp evaluation images), "
+                     "'report' or 'off'.")
+  report = {"policy": policy, "eval_images": 0, "from": []}
+  if policy == "off":
+    return sources, report
+  ids, parts = set(), []
+  for spec in sources.get("grd", {}).values():
+    found, what = refexp_eval_images(spec)
+    if found:
+      ids |= found
+      parts.append(what)
+  if not ids:
+    return sources, report
+  what = "in the evaluation splits (" + "; ".join(parts) + ")"
+  out = {stream: dict(specs) for stream, specs in sources.items()}
+  for name, spec in sources.get("det", {}).items():
+    if spec.reader in _COCO_DET_READERS:
+      out["det"][name] = dataclasses.replace(
+          spec, held_out_images=frozenset(ids), held_out_policy=policy,
+          held_out_from=what)
+  report.update(eval_images=len(ids), **{"from": parts})
+  return out, report
+
+
+def prepare_data(config: Any, skips: errors.SkipCounter | None = None
+                 ) -> DataInfo:
   """Makes the data ready: generates ShapesWorld if needed, builds the vocab.
 
   Args:
     config: ``config.data``.
+    skips: where the vocabulary build's lenient skips are counted (the
+      pipeline's `stats.PipelineStats.skips`, so one report holds them all).
 
   Returns:
     A `DataInfo`.
@@ -218,6 +343,13 @@ def prepare_data(config: Any) -> DataInfo:
                      "or 'files'.")
   sources = sources_lib.source_specs(config, root)
   sources_lib.check_files(sources, batch)
+  sources, held_out = hold_out_eval_images(
+      sources, config.get("eval_overlap", "drop"))
+  if held_out["eval_images"]:
+    logging.info("Train/eval leakage check (data.eval_overlap=%r): %d COCO "
+                 "images of %s are held out of the COCO/LVIS det train "
+                 "sources.", held_out["policy"], held_out["eval_images"],
+                 held_out["from"])
   if config.vocab.path:
     vocab_path = os.path.expanduser(config.vocab.path)
     if not os.path.exists(vocab_path):
@@ -231,8 +363,9 @@ def prepare_data(config: Any) -> DataInfo:
         _vocab_files(sources, batch), cache_dir,
         max_size=config.vocab.max_size,
         split_categories=config.vocab.split_categories,
-        min_count=config.vocab.min_count)
+        min_count=config.vocab.min_count, strict=config.strict, skips=skips)
   vocab = vocabulary_lib.Vocabulary.load(vocab_path)
   return DataInfo(root=root, sources=sources, vocab_path=vocab_path,
                   vocab=vocab, tokenizer=tokenizer_lib.Tokenizer(vocab),
-                  spec=spec_from_config(config), splits=splits)
+                  spec=spec_from_config(config), splits=splits,
+                  held_out=held_out)

@@ -36,12 +36,14 @@ packed in one UTF-8 buffer), and record dicts are built lazily in
 Validation happens here for annotations (images are checked when decoded, see
 `images.py`). Strict mode (default) raises `DataError` naming the file, the
 record and the fix at the first problem; lenient mode (``strict=False``) skips
-and counts in a `SkipCounter`. One exception: a COCO/LVIS instances box with
-zero or negative width or height (degenerate geometry that the official
-releases hold, e.g. COCO train2017 annotation 918; detectron2 and MDETR drop
-such boxes too) is dropped and counted in both modes, with one warning per file
-naming the count and the first annotation id. Structural errors (missing keys,
-wrong types, unknown image/category ids, NaN) stay fatal in strict mode.
+and counts in a `SkipCounter`. Two exceptions, input the official releases
+hold, are dropped and counted in both modes, with one warning per file naming
+the count and the first annotation id: a COCO/LVIS instances box with zero or
+negative width or height (degenerate geometry, e.g. COCO train2017 annotation
+918; detectron2 and MDETR drop such boxes too), and an MDETR/GoldG box whose
+``tokens_positive`` is an empty list (no caption words describe it, so it has
+no token to learn). Structural errors (missing keys, wrong types, unknown
+image/category ids, NaN, malformed spans) stay fatal in strict mode.
 
 * a bad box (missing key, NaN/inf, zero or negative size, outside the image,
   unknown category or image id, bad text span) -> only that box is dropped;
@@ -62,12 +64,14 @@ is still present in the image, so it is kept out of ``neg_texts``.
 from __future__ import annotations
 
 import collections.abc
+import concurrent.futures
 import csv
 import itertools
 import json
 import math
 import operator
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -82,6 +86,11 @@ BOX_TOLERANCE_PX = 1.0
 BOX_TOLERANCE_FRAC = 0.01
 
 _LENIENT_FIX = "or set strict=False (config data.strict) to skip it"
+
+# A COCO image file name: "000000391895.jpg" (2017), "COCO_train2014_
+# 000000391895.jpg" (2014, the refexp releases), "train2017/000000391895.jpg"
+# (LVIS's coco_url); the 12 digits are the COCO image id in every release.
+_COCO_FILE_RE = re.compile(r"(?:^|[/_])(\d{12})\.jpg$")
 
 # Box check outcome codes (`check_boxes`).
 BOX_OK, BOX_NONFINITE, BOX_EMPTY, BOX_OUTSIDE = 0, 1, 2, 3
@@ -104,7 +113,11 @@ class RecordSource(collections.abc.Sequence):
     category_names: det sources: {category id: name (spaces, not
       underscores)}; None otherwise.
     category_frequency: LVIS: {category id: "r" | "c" | "f"}; None otherwise.
+    num_held_out: train images that are another source's evaluation images
+      (dropped or only reported, see `sources.hold_out`).
   """
+
+  num_held_out: int = 0
 
   def __init__(self, *, name: str, stream: str, skipped: SkipCounter,
                num_skipped: int,
@@ -217,6 +230,20 @@ def _is_text(x) -> bool:
 def _short(x, limit: int = 80) -> str:
   s = repr(x)
   return s if len(s) <= limit else s[:limit - 3] + "..."
+
+
+def coco_image_id(file_name: str) -> int | None:
+  """The COCO image id a COCO file name carries, else None.
+
+  ``"000000391895.jpg"``, ``"COCO_train2014_000000391895.jpg"`` and
+  ``"http://images.cocodataset.org/train2017/000000391895.jpg"`` all give
+  391895: COCO 2014 and 2017 number the same images alike, so this matches
+  images across releases (RefCOCO's train2014 files, COCO/LVIS train2017).
+  Any other name (a custom dataset's) gives None, so its ids never match by
+  accident.
+  """
+  m = _COCO_FILE_RE.search(file_name) if isinstance(file_name, str) else None
+  return int(m.group(1)) if m else None
 
 
 def check_boxes(xyxy: np.ndarray, width: np.ndarray, height: np.ndarray
@@ -461,6 +488,22 @@ class DetectionSource(RecordSource):
   @property
   def num_boxes(self) -> int:
     return int(np.diff(self._box_offsets)[self._order].sum())
+
+  def coco_image_ids(self) -> np.ndarray:
+    """int64 [R]: each record's COCO image id from its file name (-1 where
+    the name is no COCO file name; see `coco_image_id`)."""
+    paths = self._images.paths
+    return np.fromiter(
+        ((-1 if (c := coco_image_id(paths[j])) is None else c)
+         for j in self._order.tolist()), np.int64, len(self._order))
+
+  def without_records(self, drop: np.ndarray) -> DetectionSource:
+    """A copy without the records where `drop` (bool [R]) is True."""
+    # Not copy.copy: `__getstate__` leaves the shared skip counter behind.
+    out = object.__new__(type(self))
+    out.__dict__.update(self.__dict__)
+    out._order = self._order[~np.asarray(drop, bool)]
+    return out
 
   def _record(self, index: int) -> dict[str, Any]:
     j = int(self._order[index])
@@ -823,7 +866,10 @@ def load_mdetr_grounding(json_path: str | os.PathLike,
   given as numeric strings (``"500"`` in ``final_flickr_separateGT_*.json``),
   extra keys (``iscrowd``, ``area``, ``tokens_positive_eval``, ...; ``iscrowd``
   is not used), and boxes overflowing the image within the tolerance (clipped,
-  as MDETR clamps). An empty ``tokens_positive`` list is a bad text span.
+  as MDETR clamps). A box whose ``tokens_positive`` is an empty list (no
+  caption words describe it; MDETR's releases hold such boxes) is dropped and
+  counted in both modes, with one warning per file; a malformed span (not
+  ``[start, end)`` integer pairs inside the caption) is a bad text span.
 
   Args:
     json_path: the MDETR JSON.
@@ -857,7 +903,7 @@ def load_mdetr_grounding(json_path: str | os.PathLike,
   images = _Images(data["images"], problems, _file_name,
                    "give the entry a 'file_name'", caption_of,
                    string_sizes=True)
-  rows, bboxes, keys, spans_list, ann_ids = [], [], [], [], []
+  rows, bboxes, keys, spans_list, ann_ids, no_text = [], [], [], [], [], []
   index_of = images.index_of
   for k, a in enumerate(data["annotations"]):
     try:
@@ -866,6 +912,16 @@ def load_mdetr_grounding(json_path: str | os.PathLike,
     except (KeyError, TypeError):
       _annotation_problem(a, k, images, {}, problems,
                           ("image_id", "bbox", "tokens_positive"))
+      continue
+    if isinstance(spans, list) and not spans and isinstance(bbox, list):
+      # A box no caption words describe: MDETR's releases hold such boxes
+      # and training has no token to give them. Dropped in both modes.
+      problems.drop(f"annotation id {a.get('id', f'#{k}')} (image id "
+                    f"{a['image_id']})", "empty text span: tokens_positive "
+                    "is [] (no caption words describe the box)",
+                    "none needed: the box is dropped and counted in both "
+                    "modes")
+      no_text.append(a.get("id", f"#{k}"))
       continue
     if not _spans_ok(spans, len(captions[j])):
       problems(f"annotation id {a.get('id', f'#{k}')} (image id "
@@ -887,6 +943,11 @@ def load_mdetr_grounding(json_path: str | os.PathLike,
     spans_list.append(spans)
     ann_ids.append(a.get("id", f"#{k}"))
 
+  if no_text:
+    logging.warning(
+        "%s: %s: dropped %d box(es) with an empty tokens_positive (no "
+        "caption words describe them; counted as skips; first: annotation "
+        "id %s)", name, path, len(no_text), no_text[0])
   rows = np.asarray(rows, np.int64)
   boxes, codes = _checked_boxes(bboxes, rows, ann_ids, images, problems)
   keep = np.flatnonzero(codes == BOX_OK)
@@ -1332,3 +1393,181 @@ def load_caption_csv(csv_path: str | os.PathLike, *,
                         problems=problems)
 
 
+
+
+# ----------------------------------------------------------------------------
+# Captions at web scale: WebDataset tar shards (img2dataset).
+# ----------------------------------------------------------------------------
+
+
+class WebDatasetSource(RecordSource):
+  """Image-caption records of WebDataset tar shards, one per sample.
+
+  The images stay in the shards: a record reads its image member's bytes
+  (``image_bytes``) by offset, so a source of millions of samples holds only
+  per-sample offsets, keys and captions.
+  """
+
+  def __init__(self, *, name, shards: Sequence[str], shard_of, offsets,
+               sizes, members: StringTable, captions: StringTable, image_ids,
+               widths, heights, skipped, num_skipped):
+    super().__init__(name=name, stream="img", skipped=skipped,
+                     num_skipped=num_skipped)
+    self.shards = tuple(shards)
+    self._shard_of = shard_of  # int32 [R]
+    self._offsets = offsets    # int64 [R] image member data offset
+    self._sizes = sizes        # int64 [R] image member size
+    self._members = members    # image member name ("000000123.jpg")
+    self._captions = captions
+    self._image_ids = image_ids
+    self._widths = widths      # int32 [R], 0 = unknown
+    self._heights = heights
+
+  def __len__(self) -> int:
+    return len(self._image_ids)
+
+  def _record(self, index: int) -> dict[str, Any]:
+    shard = self.shards[int(self._shard_of[index])]
+    member = self._members[index]
+    # "SHARD.tar/KEY.jpg" names the shard and the key in decode errors; the
+    # bytes are read here, so nothing opens that path.
+    path = f"{shard}/{member}"
+    try:
+      with open(shard, "rb") as f:
+        f.seek(int(self._offsets[index]))
+        data = f.read(int(self._sizes[index]))
+    except OSError as e:
+      raise DataError(path, f"{self.name} image_id "
+                      f"{int(self._image_ids[index])}",
+                      f"unreadable image member: {e}",
+                      "check the shard's storage") from None
+    return {
+        "stream": "img",
+        "source": self.name,
+        "image_id": int(self._image_ids[index]),
+        "image_path": path,
+        "image_bytes": data,
+        "width": int(self._widths[index]),
+        "height": int(self._heights[index]),
+        **_box_fields(0),
+        "caption": self._captions[index],
+        "neg_texts": [],
+        "not_exhaustive_texts": [],
+    }
+
+
+def _sample_size(sample: formats.ShardSample) -> tuple[int, int]:
+  """(width, height) from img2dataset's KEY.json, else (0, 0): unknown."""
+  try:
+    meta = json.loads(sample.texts["json"]) if "json" in sample.texts else {}
+  except (json.JSONDecodeError, UnicodeDecodeError):
+    meta = {}
+  return _size_of(meta) if isinstance(meta, dict) else (0, 0)
+
+
+def load_webdataset(pattern: str | os.PathLike, *, name: str = "webdataset",
+                    strict: bool = True, counter: SkipCounter | None = None,
+                    num_threads: int = 16) -> WebDatasetSource:
+  """WebDataset tar shards as img2dataset writes them, one record per sample.
+
+  A shard ``00000.tar`` holds per sample ``KEY.jpg`` (or ``.png``,
+  ``.webp``), ``KEY.txt`` (the caption) and optionally ``KEY.json``
+  (img2dataset's metadata: ``caption``, ``width``, ``height``, ``url``, ...).
+  The caption is the ``.txt``, else the ``.json``'s ``caption``; the size
+  comes from the ``.json`` when it has one (else from the decoded image);
+  ``image_id`` is the key when it is a number (img2dataset's keys are), else
+  the record's index.
+
+  Bad samples -- no image member, no caption, an empty or non-UTF-8 caption
+  -- raise a `DataError` naming the shard and the key (strict), or are
+  skipped and counted (lenient); so are a missing shard and a truncated or
+  corrupt one (lenient: the samples before the damage are kept). An image
+  that does not decode is reported when it is decoded (the error names
+  ``SHARD.tar/KEY.jpg``), by the same rules.
+
+  Args:
+    pattern: the shards: a glob (``"cc12m/*.tar"``), a brace pattern
+      (``"laion/{00000..00099}.tar"``), or several joined by ``::``
+      (`formats.expand_shards`).
+    name: source name.
+    strict: raise on the first bad sample (True) or skip and count it.
+    counter: where skips are counted (a new one when None).
+    num_threads: shards indexed at a time (reading tar headers is I/O).
+
+  Returns:
+    An img `RecordSource`.
+
+  Raises:
+    DataError: no shard matches the pattern.
+  """
+  pattern = os.fspath(pattern)
+  counter = _counter(counter)
+  paths = formats.expand_shards(pattern)
+  if not paths:
+    raise DataError(pattern, "shards", "no shard matches the pattern",
+                    "check the pattern (a glob like 'dir/*.tar' or a brace "
+                    "range like 'dir/{00000..00099}.tar') and data.root")
+
+  def index(path):
+    try:
+      return formats.read_shard(path), None
+    except DataError as e:
+      return None, e
+
+  with concurrent.futures.ThreadPoolExecutor(
+      max(1, min(num_threads, len(paths)))) as pool:
+    indexed = list(pool.map(index, paths))
+
+  shards, shard_of, offsets, sizes, members = [], [], [], [], []
+  captions, ids, wh = [], [], []
+  num_skipped = 0
+  for path, (shard, error) in zip(paths, indexed):
+    problems = _Problems(path, name, strict, counter)
+    if shard is None:
+      problems(error.record, error.problem, f"{error.fix}, or set "
+               "strict=False (config data.strict) to skip the shard")
+      num_skipped += problems.count
+      continue
+    s = len(shards)
+    shards.append(os.path.abspath(path))
+    for sample in shard.samples:
+      rec = f"key {sample.key!r}"
+      ext = next((e for e in formats.IMAGE_EXTENSIONS
+                  if e in sample.members), None)
+      if ext is None:
+        problems(rec, "missing image: no ."
+                 f"{'/.'.join(formats.IMAGE_EXTENSIONS)} member (has "
+                 f"{sorted(sample.members)})",
+                 f"rewrite the shard, {_LENIENT_FIX}")
+        continue
+      caption, problem = formats.sample_caption(sample)
+      if caption is None:
+        problems(rec, problem, f"fix the sample, {_LENIENT_FIX}")
+        continue
+      offset, size = sample.members[ext]
+      shard_of.append(s)
+      offsets.append(offset)
+      sizes.append(size)
+      members.append(f"{sample.key}.{ext}")
+      captions.append(caption)
+      base = sample.key.rsplit("/", 1)[-1]
+      ids.append(int(base) if base.isdigit() else -1)
+      wh.append(_sample_size(sample))
+    if shard.error:
+      problems("file", shard.error, "re-download or rewrite the shard, or "
+               "set strict=False (config data.strict) to keep the samples "
+               "before the damage")
+    num_skipped += problems.count
+  image_ids = np.asarray(ids, np.int64)
+  unnumbered = image_ids < 0
+  image_ids[unnumbered] = np.flatnonzero(unnumbered)
+  wh = np.asarray(wh, np.int32).reshape(-1, 2)
+  source = WebDatasetSource(
+      name=name, shards=shards, shard_of=np.asarray(shard_of, np.int32),
+      offsets=np.asarray(offsets, np.int64),
+      sizes=np.asarray(sizes, np.int64), members=StringTable(members),
+      captions=StringTable(captions), image_ids=image_ids,
+      widths=wh[:, 0], heights=wh[:, 1], skipped=counter,
+      num_skipped=num_skipped)
+  _log_loaded(source, pattern, f" ({len(shards)} shards)")
+  return source

@@ -1,18 +1,25 @@
 """Tests for the annotation readers: every format, every field, bad input."""
 
 import copy
+import io
 import json
 import os
 import pickle
+import tarfile
 
 import grain
 import numpy as np
 import PIL.Image
 import pytest
 
+from omnitrain_jax.data import formats
 from omnitrain_jax.data import images
 from omnitrain_jax.data import readers
+from omnitrain_jax.data import transforms
+from omnitrain_jax.data import vocab_inputs
 from omnitrain_jax.data.errors import DataError, SkipCounter
+from omnitrain_jax.evaluation import queries
+from omnitrain_jax.vocab import tokenizer as tokenizer_lib
 
 RECORD_KEYS = {
     "stream", "source", "image_id", "image_path", "image_bytes", "width",
@@ -438,6 +445,60 @@ def test_coco_file_given_to_lvis_reader_says_so(coco_dir):
     readers.load_lvis(path, coco_dir)
 
 
+LVIS_SAMPLE = os.path.join(os.path.dirname(__file__), "testdata",
+                           "lvis_v1_categories_sample.json")
+
+
+def test_lvis_compound_names_are_one_token_from_file_to_query(tmp_path):
+  """Real LVIS v1 categories (181 of 1203, every field as released): the
+  multi-word names stay one concept in the vocabulary, in the box tokens and
+  in a typed query."""
+  with open(LVIS_SAMPLE) as f:
+    data = json.load(f)
+  assert set(data["categories"][0]) == {
+      "id", "name", "synonyms", "synset", "def", "frequency", "image_count",
+      "instance_count"}
+  by_name = {c["name"]: c["id"] for c in data["categories"]}
+  ids = [by_name[n] for n in ("ski_pole", "fire_engine", "trash_can",
+                              "tennis_ball", "bow_(weapon)")]
+  data["images"] = [{
+      "id": 9, "coco_url": "http://images.cocodataset.org/train2017/"
+                           "000000000009.jpg", "width": 64, "height": 48,
+      "license": 1, "flickr_url": "", "date_captured": "",
+      "neg_category_ids": [by_name["ski"], by_name["life_jacket"]],
+      "not_exhaustive_category_ids": [by_name["police_cruiser"]]}]
+  data["annotations"] = [
+      {"id": k + 1, "image_id": 9, "category_id": c, "area": 20.0,
+       "segmentation": [], "bbox": [2.0 + k, 3.0, 5.0, 4.0]}
+      for k, c in enumerate(ids)]
+  path = _write_json(tmp_path / "lvis_v1_train.json", data)
+
+  vocab, summary = vocab_inputs.build_from_files([path], max_size=10_000)
+  assert summary["num_split_category_names"] == 0
+  for concept in ("fire engine", "fire truck", "ski pole", "trash can",
+                  "garbage can", "tennis ball", "life jacket", "police car",
+                  "computer monitor", "bow", "ski"):
+    assert concept in vocab.index, concept
+  tok = tokenizer_lib.Tokenizer(vocab)
+
+  rec = readers.load_lvis(path, tmp_path)[0]
+  out = transforms.Tokenize(tok).apply(rec)
+  assert [[vocab.tokens[i] for i in t] for t in out["box_tokens"]] == [
+      ["ski pole"], ["fire engine"], ["trash can"], ["tennis ball"], ["bow"]]
+  # An absent ski / life jacket is a negative for its own token only.
+  assert sorted(vocab.tokens[i] for i in out["neg_tokens"]) == [
+      "life jacket", "ski"]
+  assert [vocab.tokens[i] for i in out["no_bg_tokens"]] == ["police cruiser"]
+
+  for typed, token in (("fire truck", "fire truck"),
+                       ("Fire Trucks", "fire truck"),
+                       ("fire-truck", "fire truck"),
+                       ("trash_can", "trash can"), ("ski pole", "ski pole")):
+    q = queries.user_query(tok, typed)
+    assert q.tokens == ((token,),) and not q.unknown, typed
+  assert queries.category_query(tok, "ski_pole").tokens == (("ski pole",),)
+
+
 # ----------------------------------------------------------------------------
 # RefCOCO(g): refs pickle + instances.json
 # ----------------------------------------------------------------------------
@@ -614,7 +675,7 @@ def test_mdetr_explicit_phrase_ids_win(tmp_path):
 MDETR_CASES = {
     "span_past_end": ("bad text span", "annotation id 1"),
     "span_reversed": ("bad text span", "annotation id 1"),
-    "no_span": ("bad text span", "annotation id 1"),
+    "span_not_a_pair": ("bad text span", "annotation id 1"),
     "box_outside": ("box outside image", "annotation id 1"),
     "missing_tokens_positive": ("missing required key", "annotation id 1"),
     "empty_caption": ("bad caption", "image id 0"),
@@ -630,8 +691,8 @@ def test_mdetr_bad_input_both_modes(tmp_path, case):
     a["tokens_positive"] = [[50, 99]]
   elif case == "span_reversed":
     a["tokens_positive"] = [[5, 2]]
-  elif case == "no_span":
-    a["tokens_positive"] = []
+  elif case == "span_not_a_pair":
+    a["tokens_positive"] = [[2, 5, 7]]
   elif case == "box_outside":
     a["bbox"] = [-20, 1, 5, 5]
   elif case == "missing_tokens_positive":
@@ -724,9 +785,33 @@ def test_mdetr_flickr_bad_string_size_both_modes(tmp_path, size):
   assert len(src) == 1 and src[0]["image_id"] == 1 and src.num_skipped == 1
 
 
-def test_mdetr_flickr_empty_tokens_positive_both_modes(tmp_path):
+@pytest.mark.parametrize("strict", [True, False])
+def test_mdetr_flickr_empty_tokens_positive_dropped_and_counted(
+    tmp_path, strict, monkeypatch):
+  # MDETR's releases hold boxes no caption words describe: dropped in both
+  # modes (no token to learn), counted, one warning per file.
   data = flickr_release_data()
   data["annotations"][1]["tokens_positive"] = []
+  data["annotations"][4]["tokens_positive"] = []
+  path = _write_json(tmp_path / "final_flickr_separateGT_train.json", data)
+  warnings = []
+  monkeypatch.setattr(readers.logging, "warning",
+                      lambda msg, *a: warnings.append(msg % a))
+  counter = SkipCounter()
+  src = readers.load_mdetr_grounding(path, tmp_path, strict=strict,
+                                     counter=counter, name="flickr")
+  assert counter.counts() == {"flickr/empty text span": 2}
+  assert src.num_skipped == 2 and len(src) == 2
+  assert src[0]["box_texts"] == ["A man", "a guitar", "a guitar"]
+  assert src[0]["phrase_ids"].tolist() == [0, 1, 1]
+  assert len(src[1]["boxes"]) == 0
+  assert len(warnings) == 1 and "dropped 2 box(es)" in warnings[0]
+  assert "first: annotation id 1" in warnings[0]
+
+
+def test_mdetr_malformed_tokens_positive_still_fatal(tmp_path):
+  data = flickr_release_data()
+  data["annotations"][1]["tokens_positive"] = [[9]]
   path = _write_json(tmp_path / "final_flickr_separateGT_train.json", data)
   with pytest.raises(DataError, match="bad text span") as e:
     readers.load_mdetr_grounding(path, tmp_path)
@@ -736,7 +821,6 @@ def test_mdetr_flickr_empty_tokens_positive_both_modes(tmp_path):
                                      counter=counter)
   assert counter.counts() == {"mdetr/bad text span": 1}
   assert src[0]["box_texts"] == ["A man", "a guitar", "a guitar"]
-  assert len(src) == 2
 
 
 def test_coco_reader_keeps_string_sizes_fatal(coco_dir):
@@ -911,3 +995,189 @@ def test_check_boxes_codes():
        [100.2, 0, 100.8, 5], [-0.5, -0.5, 100.9, 50.9]], 100, 50)
   assert codes.tolist() == [0, 1, 2, 3, 3, 0]
   np.testing.assert_array_equal(boxes[5], [0, 0, 100, 50])
+
+
+# ----------------------------------------------------------------------------
+# WebDataset tar shards (img2dataset output)
+# ----------------------------------------------------------------------------
+
+
+def _jpeg_bytes(w, h, color=(200, 30, 10)):
+  buf = io.BytesIO()
+  PIL.Image.new("RGB", (w, h), color).save(buf, format="JPEG")
+  return buf.getvalue()
+
+
+def _img2dataset_meta(key, caption, w, h):
+  # The fields img2dataset writes in KEY.json (webdataset output format).
+  return {"url": f"https://example.com/{key}.jpg", "caption": caption,
+          "key": key, "status": "success", "error_message": None,
+          "width": w, "height": h, "original_width": 2 * w,
+          "original_height": 2 * h, "exif": "{}", "sha256": "0" * 64}
+
+
+def write_shard(path, samples):
+  """samples: (key, {ext: bytes | dict | str}) in member order."""
+  with tarfile.open(path, "w") as tar:
+    for key, members in samples:
+      for ext, value in members.items():
+        if isinstance(value, dict):
+          value = json.dumps(value).encode()
+        elif isinstance(value, str):
+          value = value.encode()
+        info = tarfile.TarInfo(f"{key}.{ext}")
+        info.size = len(value)
+        tar.addfile(info, io.BytesIO(value))
+  return str(path)
+
+
+def _good_sample(key, caption, w=32, h=24):
+  return (key, {"jpg": _jpeg_bytes(w, h), "txt": caption,
+                "json": _img2dataset_meta(key, caption, w, h)})
+
+
+@pytest.fixture
+def shards(tmp_path):
+  d = tmp_path / "laion"
+  d.mkdir()
+  write_shard(d / "00000.tar", [_good_sample("000000000", "a red kite"),
+                                _good_sample("000000001", "Two dogs ")])
+  write_shard(d / "00001.tar", [_good_sample("000010000", "a hot dog", 40,
+                                             20)])
+  return d
+
+
+def test_webdataset_every_field(shards):
+  src = readers.load_webdataset(str(shards / "{00000..00001}.tar"),
+                                name="laion")
+  assert (src.name, src.stream, len(src)) == ("laion", "img", 3)
+  assert src.shards == (str(shards / "00000.tar"), str(shards / "00001.tar"))
+  rec = src[1]
+  assert set(rec) == RECORD_KEYS
+  assert rec["image_id"] == 1 and rec["caption"] == "Two dogs"
+  assert rec["image_path"] == str(shards / "00000.tar" / "000000001.jpg")
+  assert (rec["width"], rec["height"]) == (32, 24)
+  assert len(rec["boxes"]) == 0 and rec["box_texts"] == []
+  image = images.decode_record(rec)["image"]
+  assert image.shape == (24, 32, 3) and image.dtype == np.uint8
+  rec = src[2]
+  assert rec["image_id"] == 10000 and rec["caption"] == "a hot dog"
+  assert (rec["width"], rec["height"]) == (40, 20)
+  # A glob gives the same records; pickles for grain's workers.
+  again = readers.load_webdataset(str(shards / "*.tar"))
+  assert [r["caption"] for r in again] == [r["caption"] for r in src]
+  assert pickle.loads(pickle.dumps(src))[0]["caption"] == "a red kite"
+
+
+def test_webdataset_caption_from_json_and_unnumbered_keys(tmp_path):
+  path = write_shard(tmp_path / "s.tar", [
+      ("dir/img-a", {"jpg": _jpeg_bytes(8, 8), "json": _img2dataset_meta(
+          "a", "caption only in json", 8, 8)}),
+      ("dir/img-b", {"png": _jpeg_bytes(8, 8), "txt": "no json"})])
+  src = readers.load_webdataset(path)
+  assert [r["caption"] for r in src] == ["caption only in json", "no json"]
+  assert [r["image_id"] for r in src] == [0, 1]
+  assert src[1]["image_path"].endswith("s.tar/dir/img-b.png")
+  assert (src[1]["width"], src[1]["height"]) == (0, 0)  # Unknown.
+
+
+WEBDATASET_CASES = {
+    "missing_caption": (lambda: {"jpg": _jpeg_bytes(8, 8)},
+                        "missing caption"),
+    "json_without_caption": (lambda: {"jpg": _jpeg_bytes(8, 8), "json": {
+        "url": "u", "status": "success"}}, "missing caption"),
+    "empty_caption": (lambda: {"jpg": _jpeg_bytes(8, 8), "txt": "  \n"},
+                      "bad caption"),
+    "not_utf8": (lambda: {"jpg": _jpeg_bytes(8, 8), "txt": b"\xff\xfe"},
+                 "bad caption"),
+    "missing_image": (lambda: {"txt": "a cat", "json": {"caption": "a cat"}},
+                      "missing image"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WEBDATASET_CASES))
+def test_webdataset_bad_sample_both_modes(tmp_path, case):
+  members, reason = WEBDATASET_CASES[case]
+  path = write_shard(tmp_path / "00007.tar", [
+      _good_sample("000070000", "a red kite"), ("000070001", members()),
+      _good_sample("000070002", "a blue kite")])
+  with pytest.raises(DataError, match=reason) as e:
+    readers.load_webdataset(path)
+  assert e.value.file == path and e.value.record == "key '000070001'"
+  assert "strict=False" in str(e.value)
+  counter = SkipCounter()
+  src = readers.load_webdataset(path, strict=False, counter=counter,
+                                name="cc12m")
+  assert [r["caption"] for r in src] == ["a red kite", "a blue kite"]
+  assert counter.counts() == {f"cc12m/{reason}": 1} and src.num_skipped == 1
+
+
+def test_webdataset_undecodable_image_names_shard_and_key(tmp_path):
+  path = write_shard(tmp_path / "00003.tar", [
+      ("000030000", {"jpg": b"\xff\xd8 not a jpeg", "txt": "a kite"})])
+  rec = readers.load_webdataset(path)[0]
+  with pytest.raises(DataError) as e:
+    images.decode_record(rec)
+  assert e.value.file == os.path.join(path, "000030000.jpg")
+
+
+def test_webdataset_missing_and_truncated_shards(tmp_path):
+  good = write_shard(tmp_path / "00000.tar", [
+      _good_sample(f"{k:09d}", f"kite {k}") for k in range(3)])
+  with open(good, "rb") as f:
+    data = f.read()
+  # Cut inside the last sample's image: the first two samples survive.
+  cut = data.index(b"000000002.jpg") + 512 + 100
+  with open(tmp_path / "00001.tar", "wb") as f:
+    f.write(data[:cut])
+  pattern = str(tmp_path / "{00000..00002}.tar")  # 00002.tar is missing.
+  with pytest.raises(DataError, match="truncated") as e:
+    readers.load_webdataset(pattern)
+  assert e.value.file == str(tmp_path / "00001.tar")
+  counter = SkipCounter()
+  src = readers.load_webdataset(pattern, strict=False, counter=counter,
+                                name="w")
+  assert len(src) == 3 + 2
+  assert counter.counts() == {"w/truncated or corrupt tar": 1,
+                              "w/missing shard": 1}
+  with pytest.raises(DataError, match="no shard matches"):
+    readers.load_webdataset(str(tmp_path / "nope" / "*.tar"))
+
+
+def test_webdataset_shard_is_sniffed_and_feeds_the_vocabulary(shards,
+                                                              tmp_path):
+  path = str(shards / "00000.tar")
+  assert formats.sniff_format(path) == "webdataset"
+  renamed = tmp_path / "shard-without-suffix"
+  with open(path, "rb") as f, open(renamed, "wb") as g:
+    g.write(f.read())
+  assert formats.sniff_format(renamed) == "webdataset"
+  got = vocab_inputs.read_annotations(path)
+  assert got.format == "webdataset"
+  assert got.texts == ("a red kite", "Two dogs")
+
+
+def test_webdataset_pax_and_long_names_and_not_a_tar(tmp_path):
+  # Extension headers (a pax record for a non-ASCII name, a GNU long name)
+  # go through the tarfile module; the records are the same.
+  long_key = "d" * 120 + "/000000005"
+  for fmt, key in ((tarfile.PAX_FORMAT, "caf\u00e9-000000004"),
+                   (tarfile.GNU_FORMAT, long_key)):
+    path = tmp_path / f"{fmt}.tar"
+    with tarfile.open(path, "w", format=fmt) as tar:
+      for ext, value in (("jpg", _jpeg_bytes(8, 8)), ("txt", b"a kite")):
+        info = tarfile.TarInfo(f"{key}.{ext}")
+        info.size = len(value)
+        tar.addfile(info, io.BytesIO(value))
+    src = readers.load_webdataset(str(path))
+    assert len(src) == 1 and src[0]["caption"] == "a kite"
+    assert src[0]["image_path"] == f"{path}/{key}.jpg"
+    assert images.decode_record(src[0])["image"].shape == (8, 8, 3)
+  garbage = tmp_path / "00009.tar"
+  garbage.write_bytes(b"<html>not found</html>" * 40)
+  with pytest.raises(DataError, match="not a tar file"):
+    readers.load_webdataset(str(garbage))
+  counter = SkipCounter()
+  src = readers.load_webdataset(str(tmp_path / "*.tar"), strict=False,
+                                counter=counter, name="w")
+  assert len(src) == 2 and counter.counts() == {"w/not a tar file": 1}

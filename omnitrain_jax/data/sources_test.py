@@ -97,3 +97,52 @@ def test_check_files_says_how_to_prepare(tmp_path):
   specs = sources.source_specs(_config(
       det={"lvis": {"reader": "tfds_lvis", "train": "train"}}), str(tmp_path))
   sources.check_files(specs, {"det": 2})
+
+
+def test_webdataset_shard_patterns_resolve_check_and_open(tmp_path):
+  (tmp_path / "cc").mkdir()
+  for s in range(2):
+    readers_test.write_shard(tmp_path / "cc" / f"{s:05d}.tar", [
+        readers_test._good_sample(f"{s:05d}0000", f"kite {s}")])
+  config = _config(img={"cc": {
+      "reader": "webdataset", "train": "cc/{00000..00001}.tar::cc/none.tar",
+      "val": "cc/00001.tar"}})
+  spec = sources.source_specs(config, str(tmp_path))["img"]["cc"]
+  assert spec.train == (f"{tmp_path}/cc/{{00000..00001}}.tar::"
+                        f"{tmp_path}/cc/none.tar")
+  sources.check_files({"img": {"cc": spec}}, {"img": 2})
+  src = sources.open_source(spec, "train", strict=False)
+  assert [r["caption"] for r in src] == ["kite 0", "kite 1"]
+  assert src.num_skipped == 1  # cc/none.tar is missing.
+  assert len(sources.open_source(spec, "val", strict=True)) == 1
+  config.sources.img.cc.train = "cc/{00005..00009}.tar"
+  spec = sources.source_specs(config, str(tmp_path))["img"]["cc"]
+  with pytest.raises(FileNotFoundError, match=r"no shard of .*00005\.\.00009"
+                     r".* exists. Prepare them: write WebDataset tar shards"):
+    sources.check_files({"img": {"cc": spec}}, {"img": 2})
+
+
+def test_val_image_dir_serves_the_val_split_only(tmp_path):
+  (tmp_path / "train2017").mkdir()
+  (tmp_path / "val2017").mkdir()
+  for name in ("train.json", "val.json"):
+    (tmp_path / name).write_text("{}")
+  entry = {"reader": "coco_instances", "train": "train.json",
+           "val": "val.json", "image_dir": "train2017",
+           "val_image_dir": "val2017"}
+  specs = sources.source_specs(_config(det={"mine": entry}), str(tmp_path))
+  spec = specs["det"]["mine"]
+  assert sources.loader_keywords(spec, "train") == {
+      "image_dir": str(tmp_path / "train2017")}
+  assert sources.loader_keywords(spec, "val") == {
+      "image_dir": str(tmp_path / "val2017")}
+  sources.check_files(specs, {"det": 1})
+  no_val_dir = dict(entry, val_image_dir="")
+  spec = sources.source_specs(_config(det={"mine": no_val_dir}),
+                              str(tmp_path))["det"]["mine"]
+  assert sources.loader_keywords(spec, "val") == {
+      "image_dir": str(tmp_path / "train2017")}  # image_dir serves both.
+  missing = dict(entry, val_image_dir="nope")
+  specs = sources.source_specs(_config(det={"mine": missing}), str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="val_image_dir"):
+    sources.check_files(specs, {"det": 1})

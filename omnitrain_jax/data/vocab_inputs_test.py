@@ -189,3 +189,28 @@ def test_min_count_and_bigrams(tmp_path):
   assert "hot dog" in vocab
   assert "red circle" not in vocab and "blue circle" not in vocab
   assert Tokenizer(vocab).encode("hot dogs").tokens == ["hot dog"]
+
+
+def test_lenient_mode_skips_and_counts_captions_that_are_numbers(tmp_path):
+  from omnitrain_jax.data import errors  # pylint: disable=g-import-not-at-top
+  grd = tmp_path / "final_grd.json"
+  grd.write_text(json.dumps({
+      "images": [{"id": 1, "file_name": "a.jpg", "caption": "a red star",
+                  "height": 10, "width": 10},
+                 {"id": 2, "file_name": "b.jpg", "caption": 12,
+                  "height": 10, "width": 10}],
+      "annotations": [], "categories": []}))
+  caps = tmp_path / "captions.json"
+  caps.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg"}],
+                              "annotations": [{"image_id": 1, "id": 1,
+                                               "caption": 3.5}]}))
+  for path in (grd, caps):  # Strict (the default): an error naming it.
+    with pytest.raises(errors.DataError, match="bad caption"):
+      vocab_inputs.build_from_files([path], max_size=100)
+  counter = errors.SkipCounter()
+  vocab, summary = vocab_inputs.build_from_files(
+      [grd, caps], max_size=100, strict=False, counter=counter)
+  assert "star" in vocab.tokens
+  assert summary["skipped"] == {"vocabulary/bad caption": 2}
+  assert counter.counts() == {"vocabulary/bad caption": 2}
+  assert "images[1] (id 2)" in counter.report()

@@ -78,8 +78,15 @@ def _variant(encoding: tokenizer_lib.Encoding, ids: Iterable[int]
 
 
 def text_query(tokenizer: tokenizer_lib.Tokenizer, text: str) -> Query:
-  """A free-text query: all known tokens of `text`, as one variant."""
-  enc = tokenizer.encode(text)
+  """A free-text query: all known tokens of `text`, as one variant.
+
+  An underscore joins words as a space does, so a multi-word concept is
+  found however a user writes it: "fire truck", "Fire Trucks", "fire-truck"
+  and the LVIS spelling "fire_truck" all give the one token `fire truck`
+  (the tokenizer itself treats "_" as punctuation, which a multi-word
+  concept may not span).
+  """
+  enc = tokenizer.encode(text.replace("_", " "))  # Same length: same spans.
   ids, tokens = _variant(enc, enc.ids)
   return Query(text=text, variants=(ids,) if ids else (),
                unknown=tuple(enc.unknown_words),

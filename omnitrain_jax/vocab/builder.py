@@ -12,17 +12,27 @@ only counts, so that the vocabulary package needs nothing from the data one.
    dataset's own terms. Names are cleaned first (`text.clean_category_name`:
    LVIS ``hot_dog`` -> ``hot dog``, sense suffix ``bow_(weapon)`` -> ``bow``;
    Objects365 ``Monitor/TV`` -> the alternatives ``monitor``, ``tv``). A
-   one-word name is a concept. A multi-word name of k words is
-   **compositional**, and split into its content words, when *each* of its
-   words recurs at the same position in at least `min_partners` (default 2)
-   *other* k-word category names of the file. In a colour x shape dataset
-   ``red circle`` splits (``red`` starts many other names, ``circle`` ends
-   many), while COCO's ``hot dog``, ``traffic light``, ``teddy bear`` (no
-   other "teddy ..." name) and LVIS's ``baseball bat`` (no other "... bat")
-   stay whole. Position matters so that ``dog collar`` does not count as a
-   partner of ``hot dog``; requiring 2 partners keeps accidental overlaps in
-   large label sets (LVIS) from splitting real compounds. `split_all`
-   (``--split_categories``) splits every multi-word name.
+   one-word name is a concept, and so is a multi-word name (``fire truck``,
+   ``ski pole``, ``trash can``: one token each, so a ski-pole box is no
+   positive for ``ski``) unless the file's names form a **grid** around it:
+   a k-word name is compositional, and split into its content words, when
+   every word is *swappable* -- at least `min_partners` (default 2) other
+   categories of the file have a name differing from it only at that
+   position -- and every two positions' swaps *combine* -- at least
+   `min_partners` other categories have a name with both words swapped for
+   swappable ones. In a colour x shape dataset ``red circle`` splits
+   (``blue circle``, ``green circle``, ``red square``, ``red star``, and
+   ``blue square``, ``green star`` combine them). A real label set overlaps
+   by accident without combining: LVIS's ``fire truck`` has ``fire alarm``,
+   ``fire hose`` and ``pickup truck``, ``tow truck``, but no ``tow hose``,
+   so it stays whole, as do COCO's ``hot dog`` and ``traffic light``.
+   Position matters (``dog collar`` is no partner of ``hot dog``), and an
+   LVIS category's synonyms are not partners of each other (``chain mail``,
+   ``ring mail``, ``chain armor``, ``ring armor`` name one category). On the
+   real LVIS v1 list with synonyms no name splits (the earlier rule, without
+   the combination, split 55, e.g. ``fire truck``, ``tennis ball``, ``life
+   jacket``). `split_all` (``--split_categories``) splits every multi-word
+   name.
 3. **Counts.** A category concept counts its boxes. Captions, referring
    expressions and grounding captions are tokenized against the category
    concepts (longest match, so "hot dogs" counts `hot dog`); matched concepts
@@ -44,6 +54,7 @@ from __future__ import annotations
 import collections
 from collections.abc import Iterable, Sequence
 import dataclasses
+import itertools
 import math
 
 import numpy as np
@@ -86,50 +97,106 @@ class AnnotationFile:
 # ------------------------------------------------------- category concepts
 
 
-def category_concepts(names: Iterable[str], *, split_all: bool = False,
+def category_concepts(names: Iterable[str | Sequence[str]], *,
+                      split_all: bool = False,
                       min_partners: int = 2) -> dict[str, list[str]]:
   """Concept tokens of each category name of one dataset (rule: module doc).
 
   Args:
-    names: the dataset's raw category names (and synonyms).
+    names: the dataset's raw category names; an entry may also be a sequence
+      of names of *one* category (LVIS: the name and its synonyms), whose
+      names are never counted as each other's partners.
     split_all: split every multi-word name into its content words.
-    min_partners: how many other same-length names must share each word at
-      its position for a multi-word name to count as compositional.
+    min_partners: how many other categories must share each word at its
+      position, and how many must combine the swapped words, for a
+      multi-word name to count as compositional.
 
   Returns:
     Raw name -> its concept tokens (normalized; empty for a name without
     words, e.g. "()").
   """
-  return _category_concepts(names, split_all, min_partners)[0]
+  groups = [(n,) if isinstance(n, str) else tuple(n) for n in names]
+  return _category_concepts(groups, split_all, min_partners)[0]
 
 
-def _category_concepts(names, split_all, min_partners):
-  """`category_concepts` plus the set of normalized names that were split."""
+def _category_concepts(groups, split_all, min_partners):
+  """`category_concepts` of name groups (one per category), plus the set of
+  normalized names that were split."""
   if min_partners < 1:
     raise ValueError(f"min_partners={min_partners} must be >= 1.")
-  names = list(dict.fromkeys(names))
-  variants = {n: [text_lib.normalize_words(v)
-                  for v in text_lib.category_name_variants(n)] for n in names}
-  # (length, position, word) -> number of distinct names having it.
-  keys = {tuple(w) for vs in variants.values() for w in vs if len(w) > 1}
-  slot_count = collections.Counter(
-      (len(k), i, w) for k in keys for i, w in enumerate(k))
+  variants = {}  # raw name -> its normalized variants (word tuples)
+  owners = collections.defaultdict(set)  # word tuple -> its categories
+  for g, group in enumerate(groups):
+    for n in group:
+      if n not in variants:
+        variants[n] = [tuple(text_lib.normalize_words(v))
+                       for v in text_lib.category_name_variants(n)]
+      for words in variants[n]:
+        if len(words) > 1:
+          owners[words].add(g)
+  # (name with one position wildcarded, position) -> the words filling it.
+  fills = collections.defaultdict(set)
+  for words in owners:
+    for i, w in enumerate(words):
+      fills[(words[:i] + (None,) + words[i + 1:], i)].add(w)
   out, split = {}, set()
-  for n, vs in variants.items():
-    concepts = []
-    for words in vs:
-      if not words:
+  for g, group in enumerate(groups):
+    for n in group:
+      if n in out:
         continue
-      content = [w for w in words if not text_lib.is_stop_word(w)]
-      if len(words) > 1 and content and (split_all or all(
-          slot_count[(len(words), i, w)] - 1 >= min_partners
-          for i, w in enumerate(words))):
-        concepts.extend(content)
-        split.add(" ".join(words))
-      else:
-        concepts.append(" ".join(words))
-    out[n] = list(dict.fromkeys(concepts))
+      concepts = []
+      for words in variants[n]:
+        if not words:
+          continue
+        content = [w for w in words if not text_lib.is_stop_word(w)]
+        if len(words) > 1 and content and (split_all or _is_compositional(
+            words, g, owners, fills, min_partners)):
+          concepts.extend(content)
+          split.add(" ".join(words))
+        else:
+          concepts.append(" ".join(words))
+      out[n] = list(dict.fromkeys(concepts))
   return out, split
+
+
+def _is_compositional(words: tuple[str, ...], group: int, owners, fills,
+                      min_partners: int) -> bool:
+  """Whether the multi-word name `words` of category `group` is a grid cell.
+
+  Each position's word must be swappable: at least `min_partners` other
+  categories have a name differing from `words` only there ("blue circle",
+  "green circle" for "red circle"). And every two positions' swaps must
+  combine: at least `min_partners` other categories have a name with both
+  words swapped for swappable ones ("blue square", "green star"). Real
+  label sets overlap by accident ("fire truck": "fire alarm", "fire hose";
+  "pickup truck", "tow truck") but such overlaps do not combine ("tow hose"
+  is no category); a colour x shape set does.
+  """
+  def others(key):
+    return any(g != group for g in owners.get(key, ()))
+
+  swaps = []
+  for i, w in enumerate(words):
+    alts = [v for v in fills[(words[:i] + (None,) + words[i + 1:], i)]
+            if v != w and others(words[:i] + (v,) + words[i + 1:])]
+    if len(alts) < min_partners:
+      return False
+    swaps.append(alts)
+  for i, j in itertools.combinations(range(len(words)), 2):
+    swaps_j, hits = set(swaps[j]), 0
+    for u in swaps[i]:
+      key = list(words)
+      key[i], key[j] = u, None
+      # The words that complete "u _" (a C-level set intersection, so large
+      # label sets stay fast), then the check that another category owns it.
+      for v in fills.get((tuple(key), j), set()) & swaps_j:
+        key[j] = v
+        hits += others(tuple(key))
+      if hits >= min_partners:
+        break
+    if hits < min_partners:
+      return False
+  return True
 
 
 # ----------------------------------------------------------------- counting
@@ -280,9 +347,9 @@ def build_vocabulary(
   for src in files:
     if not src.categories:
       continue
-    all_names = [n for c in src.categories for n in (c.name, *c.synonyms)]
-    concepts, split = _category_concepts(all_names, split_categories,
-                                         min_partners)
+    concepts, split = _category_concepts(
+        [(c.name, *c.synonyms) for c in src.categories], split_categories,
+        min_partners)
     split_names |= split
     for c in src.categories:
       if not concepts[c.name]:

@@ -13,9 +13,10 @@ def test_category_rule_is_per_dataset_and_positional():
   out = builder.category_concepts(
       ["hot dog", "dog collar", "dog bed", "hot sauce", "hot plate", "dog"])
   assert out["hot dog"] == ["hot dog"]
-  out = builder.category_concepts(["small red circle", "small red square",
-                                   "small blue circle", "large blue square",
-                                   "large red circle", "large blue circle"])
+  grid = [f"{z} {c} {s}" for z in ("small", "medium", "large")
+          for c in ("red", "blue", "green") for s in ("circle", "square",
+                                                      "star")]
+  out = builder.category_concepts(grid[:-1])  # Not every cell is needed.
   assert out["small red circle"] == ["small", "red", "circle"]
   # One partner is not enough by default; it is with min_partners=1.
   names = ["red circle", "red square", "blue circle", "blue square"]
@@ -64,3 +65,36 @@ def test_fast_text_counting_equals_tokenizing_every_text():
   assert tokens["hot dog"] == 2 * 3 and tokens["dog"] == 3 * 3
   assert tokens["traffic light"] == 2 * 3
   assert unknown["tea"] == 3 and unknown["hot"] == 3 * 3
+
+
+def test_real_compound_names_stay_whole_and_grids_split():
+  # Real LVIS v1 names (with synonyms, one group per category): under the
+  # earlier rule "fire truck" split, since "fire alarm", "fire hose" and
+  # "pickup truck", "tow truck" are names; those overlaps do not combine.
+  lvis = [("fire_engine", "fire_truck"), ("fire_alarm", "smoke_alarm"),
+          ("fire_hose",), ("fire_extinguisher", "extinguisher"),
+          ("pickup_truck",), ("tow_truck",), ("garbage_truck",),
+          ("truck",), ("ski",), ("ski_pole",), ("ski_boot",),
+          ("ski_parka", "ski_jacket"), ("telephone_pole", "telegraph_pole",
+                                        "telegraph_post"), ("pole", "post")]
+  out = builder.category_concepts(lvis)
+  assert out["fire_truck"] == ["fire truck"]
+  assert out["ski_pole"] == ["ski pole"]
+  assert out["telephone_pole"] == ["telephone pole"]
+  # Synonyms of one category are no partners: chain/ring x mail/armor.
+  out = builder.category_concepts(
+      [("chain_mail", "ring_mail", "chain_armor", "ring_armor"),
+       ("armor",)], min_partners=1)
+  assert out["ring_armor"] == ["ring armor"]
+  # The same names as separate categories form a grid.
+  assert builder.category_concepts(
+      ["chain mail", "ring mail", "chain armor", "ring armor"],
+      min_partners=1)["ring armor"] == ["ring", "armor"]
+  # A full colour x shape grid splits without --split_categories.
+  grid = [f"{c} {s}" for c in ("red", "green", "blue")
+          for s in ("circle", "square", "star")]
+  assert builder.category_concepts(grid)["blue star"] == ["blue", "star"]
+  # Swappable words that never combine: a chain, not a grid.
+  chain = ["red circle", "red square", "red star", "green circle",
+           "blue circle", "black ring"]
+  assert builder.category_concepts(chain)["red circle"] == ["red circle"]

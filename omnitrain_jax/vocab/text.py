@@ -48,6 +48,8 @@ _CHAR_MAP = str.maketrans({
 })
 # A trailing "(sense)" of LVIS names: "bow_(weapon)", "bat_(animal)".
 _SENSE_RE = re.compile(r"\s*\([^()]*\)\s*$")
+# A "(sense)" followed by more words (a name and a synonym run together).
+_INNER_SENSE_RE = re.compile(r"\s*\([^()]*\)\s+(?=\S)")
 
 NUMBER_WORDS = frozenset("""
 zero one two three four five six seven eight nine ten eleven twelve thirteen
@@ -292,7 +294,9 @@ def clean_category_name(name: str) -> str:
   """Category name as annotation files give it -> text to tokenize.
 
   LVIS writes spaces as underscores and disambiguates senses with a suffix:
-  "hot_dog" -> "hot dog", "bow_(weapon)" -> "bow". The sense is dropped, so
+  "hot_dog" -> "hot dog", "bow_(weapon)" -> "bow"; a sense in the middle
+  separates alternatives ("monitor_(computer_equipment) computer_monitor" ->
+  "monitor/computer monitor"). The sense is dropped, so
   both LVIS "bow" categories share the token `bow` (a text-free model cannot
   tell the senses apart from a query anyway). Readers and the input pipeline
   should pass category names through this before tokenizing, as the
@@ -307,6 +311,11 @@ def clean_category_name(name: str) -> str:
   """
   name = name.replace("_", " ")
   stripped = _SENSE_RE.sub("", name)
+  # A sense inside the name separates two names: LVIS v1's category 698 is
+  # "monitor_(computer_equipment) computer_monitor" -> "monitor", "computer
+  # monitor" (alternatives, as "/" gives them).
+  stripped = "/".join(p.strip() for p in _INNER_SENSE_RE.split(stripped)
+                      if p.strip())
   # A name that is only a parenthesis keeps its words.
   return stripped if stripped.strip() else name.strip()
 

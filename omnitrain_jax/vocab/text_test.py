@@ -76,6 +76,9 @@ def test_normalize_concept_keeps_inner_stop_words():
 @pytest.mark.parametrize("raw,clean", [
     ("hot_dog", "hot dog"), ("bow_(weapon)", "bow"),
     ("bat_(animal)", "bat"), ("Traffic Light", "Traffic Light"),
+    # LVIS v1 category 698, as released (a name and a synonym run together).
+    ("monitor_(computer_equipment) computer_monitor",
+     "monitor/computer monitor"),
 ])
 def test_clean_category_name(raw, clean):
   assert text.clean_category_name(raw) == clean
