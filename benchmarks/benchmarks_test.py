@@ -112,18 +112,17 @@ def test_optimizer_guards_agree_and_skip_non_finite_steps():
 
 def test_vocab_scaling_json_and_sparse_rows_match_dense():
   report = vocab_scaling.main(_TINY + [
-      "--vocab_sizes=300", "--batch=4", "--variants=dense,sparse_rows"])
+      "--vocab_sizes=300", "--batch=4"])
   (entry,) = report["per_vocab"]
   assert entry["vocab_size"] == 300
   assert entry["table_and_adam_bytes"] == 3 * 300 * 32 * 4
-  assert set(entry["variants"]) == {"dense", "sparse_rows"}
+  assert set(entry["variants"]) == {"dense", "sparse", "frozen_table"}
   for variant in entry["variants"].values():
     assert {"min_s", "compile_s", "flops", "memory"} <= set(variant)
   check = entry["sparse_check"]
   # The rows a step touches get the dense AdamW update (to rounding).
   assert check["touched_rows_moved_by"] > 1e-4
   assert check["touched_rows_diff_over_move"] < 1e-3
-  assert check["other_params_max_abs_diff"] < 1e-5
   assert check["untouched_rows_moved_sparse"] == 0.0
   assert report["slopes"] == {}  # One V: no line to fit.
 
@@ -136,3 +135,21 @@ def test_batch_predict_reports_every_batch_size():
                                     "batch_2_png"}
   assert report["results"]["batch_1"]["ratio_to_batch_1"] == 1.0
   assert all(r["images_per_sec"] > 0 for r in report["results"].values())
+
+
+def test_vocab_inference_chunked_top_k_matches_dense():
+  from benchmarks import vocab_inference  # pylint: disable=import-outside-toplevel
+  report = vocab_inference.main([
+      "--vocab_sizes=20000,30000", "--batch=2", "--image_size=32",
+      "--dims=32,1,2,64", "--repeats=1", "--chunk_size=128", "--k=3",
+      "--dense_max_vocab=20000"])
+  large, larger = report["cases"]
+  assert (large["vocab_size"], larger["vocab_size"]) == (20000, 30000)
+  assert set(large["variants"]) == {"chunked", "dense", "encode"}
+  assert set(larger["variants"]) == {"chunked", "encode"}  # Dense skipped.
+  assert large["same_top_k"] is True
+  # Only the dense reference holds [B, N, V] logits (B = 2, N = 4).
+  logits_bytes = 2 * 4 * 20000 * 4
+  assert large["variants"]["dense"]["memory"]["temp"] >= logits_bytes
+  assert large["variants"]["chunked"]["memory"]["temp"] < logits_bytes / 4
+  assert set(report["chunked_time_over_first"]) == {"20000", "30000"}

@@ -25,7 +25,12 @@ axis, gathers the small per-image results to the hosts
   ``eval/shapes_grd/acc@0.5``.
 
 Without ``--config`` the run's own ``WORKDIR/config.json`` (written by the
-trainer) is used; ``--config.x=y`` overrides need ``--config``.
+trainer) is used; ``--config.x=y`` overrides need ``--config``. The
+vocabulary is ``--vocab``, else the run's ``WORKDIR/vocab.txt``, else the
+config's (``data.vocab.path`` or built from its training files); one that is
+not the checkpoint's is matched to its token rows by token string (new
+tokens start from their word pieces, `omnitrain_jax.vocab_transfer`), e.g.
+``--vocab=FINETUNE_WORKDIR/vocab.txt`` scores new class names zero-shot.
 
 Datasets and protocols (``config.eval``; every field optional):
 
@@ -67,8 +72,10 @@ from omnitrain_jax import checkpointing
 from omnitrain_jax import config_lib
 from omnitrain_jax import model_setup
 from omnitrain_jax import runtime
+from omnitrain_jax.data import errors as data_errors
 from omnitrain_jax.data import preparation
 from omnitrain_jax.evaluation import coco_metrics
+from omnitrain_jax.evaluation import context as context_lib
 from omnitrain_jax.evaluation import datasets as datasets_lib
 from omnitrain_jax.evaluation import evaluator as evaluator_lib
 from omnitrain_jax.evaluation import options as options_lib
@@ -91,6 +98,11 @@ def _define_flags() -> None:
                       "Evaluate this COCO/LVIS instances file instead, its "
                       "category names as the queries.")
   flags.DEFINE_string("image_dir", None, "Image folder of --dataset_json.")
+  flags.DEFINE_string("vocab", None,
+                      "Vocabulary file (default: WORKDIR/vocab.txt, else the "
+                      "config's). Another vocabulary than the checkpoint's "
+                      "keeps the trained rows of shared tokens; new tokens "
+                      "start from their word pieces.")
   flags.DEFINE_string("dataset_name", None,
                       "Name of --dataset_json (default: the file's stem).")
   flags.DEFINE_enum("dataset_format", "auto", ["auto", "coco", "lvis"],
@@ -131,6 +143,9 @@ def main(argv: Sequence[str]) -> None:
       nms_iou=f.nms_iou, coco_backend=f.coco_backend, batch_size=f.batch_size,
       max_batches=f.max_batches)
   info = preparation.prepare_data(config.data)
+  # The run's WORKDIR/vocab.txt (or --vocab); another vocabulary than the
+  # checkpoint's gets its token rows by token string (restore_params).
+  info = context_lib.with_run_vocab(info, f.workdir, config, f.vocab)
   setup = model_setup.create(config, vocab_size=len(info.vocab),
                              spec=info.spec)
   datasets = None
@@ -147,7 +162,8 @@ def main(argv: Sequence[str]) -> None:
       param_shardings=setup.param_shardings, datasets=datasets,
       options=options)
   params, step = checkpointing.restore_params(f.workdir, setup.abstract_state,
-                                              f.checkpoint_step)
+                                              f.checkpoint_step,
+                                              vocab=info.vocab)
   if runtime.is_lead():
     logging.info("Evaluating step %d of %s on %s.", step, f.workdir,
                  [d.name for d in evaluator.datasets])
@@ -157,7 +173,16 @@ def main(argv: Sequence[str]) -> None:
       logging.info("%-48s %.4f", k, v)
 
 
+def _main(argv: Sequence[str]) -> None:
+  """`main`, with user-facing errors as one line (``--verbosity=1``: the
+  traceback)."""
+  with data_errors.exit_on_user_errors(
+      (*runtime.USER_ERRORS, checkpointing.CheckpointError),
+      lenient="--config=CONFIG --config.data.strict=False"):
+    main(argv)
+
+
 if __name__ == "__main__":
   from absl import app  # pylint: disable=g-import-not-at-top
   _define_flags()
-  app.run(main)
+  app.run(_main)

@@ -14,7 +14,12 @@ Model and vocabulary. The params of the latest finished checkpoint (or
 ``--config`` or else the run's own ``WORKDIR/config.json``. The vocabulary
 is, in order: ``--vocab``, ``WORKDIR/vocab.txt``, ``config.data.vocab.path``,
 and else the one `preparation.prepare_data` builds from the config's training
-annotations (cached; this needs the training data or its cache).
+annotations (cached; this needs the training data or its cache). A
+vocabulary other than the run's ``WORKDIR/vocab.txt`` (``--vocab`` with new
+class names) is matched to the checkpoint's token rows by token string:
+shared tokens keep their trained rows, new ones start from the mean of their
+known word pieces' rows (else the mean trained direction), dropped ones are
+logged (`omnitrain_jax.vocab_transfer`).
 
 Images. Any size and format that `data/images.py` decodes (JPEG with EXIF
 rotation, PNG incl. grayscale and RGBA, BMP, TIFF, WebP, GIF); the longest
@@ -71,6 +76,7 @@ import os
 from collections.abc import Sequence
 
 from omnitrain_jax import runtime
+from omnitrain_jax.data import errors as data_errors
 from omnitrain_jax.evaluation import predictor as predictor_lib
 
 
@@ -136,7 +142,18 @@ def main(argv: Sequence[str]) -> None:
       max_boxes=f.max_boxes, threshold=f.threshold, nms_iou=f.nms_iou,
       describe=f.describe)
 
+def _main(argv: Sequence[str]) -> None:
+  """`main`, with user-facing errors as one line (``--verbosity=1``: the
+  traceback). predict has no lenient mode (unreadable --image files are
+  skipped and listed in skipped.json already)."""
+  from omnitrain_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  with data_errors.exit_on_user_errors(
+      (*runtime.USER_ERRORS, checkpointing.CheckpointError), lenient=None,
+      instead="Replace or fix the named file, or leave it out."):
+    main(argv)
+
+
 if __name__ == "__main__":
   from absl import app  # pylint: disable=g-import-not-at-top
   _define_flags()
-  app.run(main)
+  app.run(_main)

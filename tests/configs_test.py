@@ -10,7 +10,9 @@ from omnitrain_jax.data import preparation
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 VARIANTS = [("shapes_demo.py", None), ("shapes_demo.py", "tiny"),
-            ("omnidet_b16.py", None), ("omnidet_b16.py", "shapes")]
+            ("omnidet_b16.py", None), ("omnidet_b16.py", "shapes"),
+            ("finetune.py", None), ("finetune.py", "tiny"),
+            ("finetune.py", "b16")]
 
 
 @pytest.mark.parametrize("name,variant", VARIANTS)
@@ -44,3 +46,15 @@ def test_b16_on_a_fresh_machine_names_the_missing_data(tmp_path):
 def test_unknown_variant_is_an_error():
   with pytest.raises(ValueError, match="Unknown variant"):
     runpy.run_path(str(CONFIGS / "shapes_demo.py"))["get_config"]("huge")
+
+
+def test_finetune_batch_size_follows_the_replay_share():
+  config = runpy.run_path(str(CONFIGS / "finetune.py"))["get_config"](None)
+  assert dict(config.data.batch) == {"det": 12, "grd": 2, "img": 2}
+  config.data.batch.grd = 4
+  config.data.batch.img = 0
+  assert config.batch_size == 16
+  train.check_config(config)
+  assert config.data.sources.det.shapes_det.weight == 0.0  # Evaluated only.
+  assert config.data.sources.det.custom.reader == "coco_instances"
+

@@ -49,6 +49,11 @@ def _guess_protocol(spec: sources_lib.SourceSpec) -> str:
   return "flickr" if "flickr" in text else "refexp"
 
 
+def _under(path: str, folder: str) -> bool:
+  path, folder = os.path.abspath(path), os.path.abspath(folder)
+  return os.path.commonpath([path, folder]) == folder
+
+
 def _shapes_groups(info: preparation.DataInfo) -> dict[str, tuple[int, ...]]:
   splits = info.splits or {}
   groups = {}
@@ -76,7 +81,8 @@ def eval_datasets(config: Any, info: preparation.DataInfo,
                          f"a {stream} source; use one of {wanted}.")
       groups = {}
       if (stream == "det" and info.splits is not None
-          and spec.reader == "coco_instances"):
+          and spec.reader == "coco_instances" and _under(spec.val, info.root)):
+        # ShapesWorld's own files only (not a user's file beside them).
         groups = _shapes_groups(info)
       out.append(EvalDataset(name=name, stream=stream, source=name,
                              protocol=protocol, category_groups=groups))

@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from absl import logging
-from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,10 +26,12 @@ from omnitrain_jax import config_lib
 from omnitrain_jax import model_setup
 from omnitrain_jax import progress
 from omnitrain_jax import sharding
+from omnitrain_jax import vocab_transfer
 from omnitrain_jax.data import errors
 from omnitrain_jax.data import images as images_lib
 from omnitrain_jax.data import preparation
 from omnitrain_jax.data import transforms
+from omnitrain_jax.evaluation import context as context_lib
 from omnitrain_jax.evaluation import detections as detections_lib
 from omnitrain_jax.evaluation import draw
 from omnitrain_jax.evaluation import grounding_metrics
@@ -42,7 +43,7 @@ from omnitrain_jax.vocab import vocabulary as vocabulary_lib
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif",
                     ".tiff")
-VOCAB_FILE = "vocab.txt"
+VOCAB_FILE = vocab_transfer.VOCAB_FILE
 # A warning when the image-guided query's box matches no prediction well.
 MIN_QUERY_BOX_IOU = 0.3
 
@@ -77,19 +78,9 @@ class LoadedImage:
   scale: float
 
 
-def resolve_vocab(workdir: str, config: Any, vocab: str | None = None
-                  ) -> str:
-  """The vocabulary file of a run (see the module doc for the order)."""
-  candidates = [vocab, os.path.join(workdir, VOCAB_FILE),
-                config.data.vocab.get("path") or None]
-  for path in candidates:
-    if path and epath.Path(path).exists():
-      return str(path)
-  if vocab:
-    raise FileNotFoundError(f"--vocab={vocab} does not exist.")
-  logging.info("No %s in %s and no data.vocab.path: building the vocabulary "
-               "from the config's data (cached).", VOCAB_FILE, workdir)
-  return preparation.prepare_data(config.data).vocab_path
+# The vocabulary of a run (`predict`'s order: --vocab, WORKDIR/vocab.txt,
+# data.vocab.path, built); shared with evaluate and export.
+resolve_vocab = context_lib.resolve_vocab
 
 
 def list_images(path: str) -> list[str]:
@@ -173,7 +164,10 @@ class Predictor:
       workdir: the run's directory.
       config: its config (default ``WORKDIR/config.json``).
       step: checkpoint step (default: the latest finished).
-      vocab: vocabulary file (default: see `resolve_vocab`).
+      vocab: vocabulary file (default: see `resolve_vocab`). One other than
+        the run's ``WORKDIR/vocab.txt`` gets the trained rows of the tokens
+        the two share; its new tokens start from their word pieces
+        (`vocab_transfer`, reported in the log).
     """
     config = config or config_lib.config_from_workdir(workdir)
     vocabulary = vocabulary_lib.Vocabulary.load(
@@ -181,8 +175,8 @@ class Predictor:
     # Only what the model needs: no dataset is opened.
     setup = model_setup.create(config, vocab_size=len(vocabulary),
                                spec=preparation.spec_from_config(config.data))
-    params, step = checkpointing.restore_params(workdir, setup.abstract_state,
-                                                step)
+    params, step = checkpointing.restore_params(
+        workdir, setup.abstract_state, step, vocab=vocabulary)
     return cls(model=setup.model, params=params, mesh=setup.mesh,
                param_shardings=setup.param_shardings, rules=setup.rules,
                tokenizer=tokenizer_lib.Tokenizer(vocabulary), step=step)

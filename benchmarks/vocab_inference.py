@@ -1,0 +1,153 @@
+r"""Full-vocabulary top-k per box against the vocabulary size V; JSON.
+
+  .venv/bin/python benchmarks/vocab_inference.py
+  .venv/bin/python benchmarks/vocab_inference.py --vocab_sizes=1000,500000 \
+      --batch=1 --k=10
+
+What ``predict --describe=K`` runs (and any full-vocabulary use: "which
+tokens is this box?"): for every box, the K highest-logit tokens of the
+whole table. `evaluation.inference.top_k_vocab` scans the table in chunks
+of ``--chunk_size`` ids, merging each chunk's logits ``[B, N, chunk]`` into a
+running top-k ``[B, N, K]``, so the ``[B, N, V]`` logits never exist. This
+benchmark times, per V, side by side (round-robin, min over rounds), on the
+ShapesWorld demo's model (ViT width 128, depth 4, conv stem, 128 px: N = 64
+boxes, D = 128):
+
+* ``chunked``: `top_k_vocab` over all B x N boxes of an encoded batch (the
+  params as `OmniDet.token_embeddings` reads them: gather + normalise);
+* ``dense``: the reference it avoids, ``[B, N, V]`` logits then one
+  ``lax.top_k`` (skipped above ``--dense_max_vocab``);
+* ``encode``: `OmniDet.encode` of the same batch, the V-independent part.
+
+Memory: XLA's static plan of each compiled function (temporaries show the
+dense ``[B, N, V]`` buffer; the chunked scan's stay at
+``[B, N, k + chunk]``). ``same_top_k`` checks that the chunked and dense
+token ids agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+if __package__ in (None, ""):  # Run as a script: make `benchmarks` importable.
+  sys.path.insert(0, os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))))
+
+from benchmarks import common  # pylint: disable=g-import-not-at-top
+from omnitrain_jax import model_setup
+from omnitrain_jax import train_step as train_step_lib
+from omnitrain_jax.data import preparation
+from omnitrain_jax.evaluation import inference
+from omnitrain_jax.models import omnidet
+
+
+def _dense_top_k(encoded, embed_all, k):
+  """The reference: ``[B, N, V]`` logits, then one top-k."""
+  logits = omnidet.token_logits(encoded["class_embeddings"],
+                                encoded["logit_scale"],
+                                encoded["logit_shift"], embed_all())
+  v = logits.shape[-1]
+  reserved = jnp.arange(v) < 2  # pad, unk
+  logits = jnp.where(reserved, -jnp.inf, logits)
+  return jax.lax.top_k(logits, k)
+
+
+def _case(args, vocab_size: int, images: np.ndarray) -> dict[str, Any]:
+  dims = dict(zip(("width", "depth", "num_heads", "mlp_dim"),
+                  (int(x) for x in args.dims.split(","))))
+  config = common.demo_config(image_size=args.image_size, batch=args.batch,
+                              dims=dims)
+  model = model_setup.build_model(config, vocab_size)
+  dummy = model_setup.dummy_batch(
+      preparation.spec_from_config(config.data))
+  params = jax.jit(lambda rng: nn.unbox(train_step_lib.init_variables(
+      rng, model=model, dummy_batch=dummy))["params"])(jax.random.key(0))
+
+  def embed_fn(params):
+    return lambda ids: model.apply({"params": params}, ids,
+                                   method=omnidet.OmniDet.token_embeddings)
+
+  def encode(params, images):
+    return model.apply({"params": params}, images, train=False,
+                       method=omnidet.OmniDet.encode)
+
+  def chunked(params, images):
+    return inference.top_k_vocab(encode(params, images), embed_fn(params),
+                                 vocab_size, args.k,
+                                 chunk_size=args.chunk_size)
+
+  def dense(params, images):
+    ids = jnp.arange(vocab_size, dtype=jnp.int32)
+    return _dense_top_k(encode(params, images),
+                        lambda: embed_fn(params)(ids), args.k)
+
+  fns = {"chunked": chunked, "encode": encode}
+  if vocab_size <= args.dense_max_vocab:
+    fns["dense"] = dense
+  compiled, out = {}, {}
+  for name, fn in fns.items():
+    t0 = time.perf_counter()
+    compiled[name] = jax.jit(fn).lower(params, images).compile()
+    out[name] = {"compile_s": time.perf_counter() - t0,
+                 "memory": common.compiled_memory(compiled[name])}
+  timer = common.Timer()
+  for name in fns:
+    timer.add(name, common.plain_call(compiled[name], params, images))
+  timer.run(args.repeats)
+  for name in fns:
+    out[name].update(timer.stats(name))
+  case = {"vocab_size": vocab_size,
+          "table_bytes": int(vocab_size * params[omnidet.TOKEN_TABLE].shape[1]
+                             * 4),
+          "variants": out}
+  if "dense" in fns:
+    _, ids_c = compiled["chunked"](params, images)
+    _, ids_d = compiled["dense"](params, images)
+    case["same_top_k"] = bool(np.array_equal(np.asarray(ids_c),
+                                             np.asarray(ids_d)))
+  case["chunked_minus_encode_s"] = (out["chunked"]["min_s"]
+                                    - out["encode"]["min_s"])
+  return case
+
+
+def main(argv=None) -> dict[str, Any]:
+  parser = argparse.ArgumentParser(
+      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--vocab_sizes", default="1000,100000,500000")
+  parser.add_argument("--batch", type=int, default=8, help="Images.")
+  parser.add_argument("--image_size", type=int, default=128)
+  parser.add_argument("--dims", default="128,4,4,512",
+                      help="width,depth,heads,mlp of the ViT (the demo's).")
+  parser.add_argument("--k", type=int, default=5, help="Tokens per box.")
+  parser.add_argument("--chunk_size", type=int, default=4096)
+  parser.add_argument("--dense_max_vocab", type=int, default=500_000,
+                      help="Skip the dense reference above this V.")
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--out", default=None, help="Also write the JSON here.")
+  args = parser.parse_args(argv)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (args.batch, args.image_size,
+                                 args.image_size, 3), np.uint8)
+  report = {"environment": common.environment(),
+            "settings": {k: v for k, v in vars(args).items() if k != "out"},
+            "cases": []}
+  for v in (int(x) for x in args.vocab_sizes.split(",")):
+    report["cases"].append(_case(args, v, images))
+  base = report["cases"][0]["variants"]["chunked"]["min_s"]
+  report["chunked_time_over_first"] = {
+      str(c["vocab_size"]): c["variants"]["chunked"]["min_s"] / base
+      for c in report["cases"]}
+  return common.emit(report, args.out)
+
+
+if __name__ == "__main__":
+  main()
