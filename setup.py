@@ -44,8 +44,11 @@ setuptools.setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         # selenium drives the system chromium in tests/serve_test.py
-        # (.ci/install_browser.sh installs chromium and chromium-driver).
-        "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "selenium==4.51.0"],
+        # (.ci/install_browser.sh installs chromium and chromium-driver);
+        # filelock guards the shared JAX compilation cache
+        # of a test run across pytest-xdist workers (conftest.py).
+        "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "selenium==4.51.0",
+                 "filelock==4.3.1"],
         # CUDA 12 wheels of the same jax release.
         "gpu": ["jax[cuda12]==0.10.2"],
         "tpu": ["jax[tpu]==0.10.2"],

@@ -83,7 +83,6 @@ LAYOUTS_SCRIPT = textwrap.dedent("""
 
     layouts = {
         "1 device": (dict(), jax.devices()[:1]),
-        "data=8": ({"mesh.data": 8, "mesh.model": 1}, None),
         "data=4 x model=2": ({"mesh.data": 4, "mesh.model": 2}, None),
         "fsdp data=8": ({"mesh.data": 8, "mesh.model": 1,
                          "logical_rules": "fsdp"}, None),
