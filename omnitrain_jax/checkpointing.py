@@ -1152,8 +1152,21 @@ def _agreed_good_step(checkpointer: Checkpointer) -> int | None:
   return None if code == -1 else code
 
 
+def _signal_name(signum: int) -> str:
+  try:
+    return signal.Signals(signum).name
+  except ValueError:
+    return f'signal {signum}'
+
+
 class PreemptionGuard:
-  """Says when to save and stop after a preemption notice (SIGTERM).
+  """Says when to save and stop after a preemption notice (SIGTERM) or Ctrl-C.
+
+  SIGINT (Ctrl-C) is handled like SIGTERM by default: the first saves at the
+  end of the step and stops, a second stops at once. In sync-point mode
+  (below) only SIGTERM goes through JAX's preemption service; Ctrl-C there
+  stays Python's KeyboardInterrupt (no save), since one host cannot stop the
+  others at a common step.
 
   * Multi-process with JAX's preemption service (the default after
     `jax.distributed.initialize()`): `should_stop(step)` is
@@ -1179,7 +1192,8 @@ class PreemptionGuard:
   can only be installed there).
   """
 
-  def __init__(self, signals: Sequence[int] = (signal.SIGTERM,)):
+  def __init__(self,
+               signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)):
     self._flag = threading.Event()
     multi_process = jax.process_count() > 1
     self._use_sync_point = (
@@ -1194,9 +1208,10 @@ class PreemptionGuard:
     self._grace_over = False
     self._resent = False  # The timer's signal is not a second one.
     self._signum = signal.SIGTERM  # Of the first signal.
-    if not self._use_sync_point:
-      for signum in signals:
-        self._previous[signum] = signal.signal(signum, self._handle)
+    for signum in signals:
+      if self._use_sync_point:
+        continue  # JAX's own handler; see the class docstring.
+      self._previous[signum] = signal.signal(signum, self._handle)
 
   def _handle(self, signum, frame) -> None:
     del frame
@@ -1217,16 +1232,16 @@ class PreemptionGuard:
     if where is not None:
       self._start_grace()
       return
-    logging.warning('Received signal %d: will save and stop at the next step '
-                    '(a second signal stops at once).', signum)
+    logging.warning('Received %s: will save and stop at the next step '
+                    '(a second signal stops at once).', _signal_name(signum))
 
   def _start_grace(self) -> None:
     """Gives the current section `_grace_s` seconds before it is stopped."""
     if self._timer is not None:
       return
-    logging.warning('Stop requested (signal %d) while %s: stopping if it does '
+    logging.warning('Stop requested (%s) while %s: stopping if it does '
                     'not end within %.0f s, else at the end of the step.',
-                    self._signum, self._where, self._grace_s)
+                    _signal_name(self._signum), self._where, self._grace_s)
     # Handlers run in the main thread: a timer thread re-sends the signal to
     # it when the grace period is over, which also interrupts a blocked wait.
     main = threading.main_thread().ident

@@ -334,7 +334,8 @@ print(json.dumps({'stopped_at': step, 'w': float(state['w'][0])}), flush=True)
 """
 
 
-def test_sigterm_saves_and_stops_cleanly(tmp_path):
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_ctrl_c_save_and_stop_cleanly(tmp_path, signum):
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   proc = subprocess.Popen(
       [sys.executable, '-c', textwrap.dedent(_SIGTERM_CHILD), str(tmp_path)],
@@ -342,7 +343,7 @@ def test_sigterm_saves_and_stops_cleanly(tmp_path):
   try:
     line = proc.stdout.readline()
     assert line.strip() == 'READY', (line, proc.stderr.read()[-3000:])
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     stdout, stderr = proc.communicate(timeout=_SUBPROCESS_TIMEOUT_S)
   finally:
     if proc.poll() is None:

@@ -3,7 +3,7 @@
 `initialize_distributed` starts multi-host JAX (main, evaluate, predict);
 `is_lead` is process 0, the one that writes files and logs;
 `share_from_lead` sends process 0's small JSON-able result to every process;
-`StopRequested` is a stop request (SIGTERM) that could not wait for the end
+`StopRequested` is a stop request (SIGTERM, Ctrl-C) that could not wait for the end
 of a step (see `checkpointing.PreemptionGuard`); `USER_ERRORS` are what the
 binaries print as one line (`data.errors.exit_on_user_errors`).
 """
@@ -122,7 +122,7 @@ class StopRequested(Exception):
 
   Raised by `checkpointing.PreemptionGuard`'s signal handler inside the
   input pipeline (after a grace period), during evaluation or start-up, or
-  at a second signal. `exit_code` is ``128 + signum`` (143 for SIGTERM), as
+  at a second signal. `exit_code` is ``128 + signum`` (143 for SIGTERM, 130 for SIGINT), as
   for a process the signal ended.
   """
 

@@ -23,12 +23,14 @@
 * **Resume-first.** Latest checkpoint in the workdir > ``config.init_from`` >
   scratch. The grain iterator is saved with the state, so a resumed run sees
   the same batches and, the step being deterministic, the same losses.
-* **Stops.** SIGTERM (preemption) saves at the end of the step and exits;
+* **Stops.** SIGTERM (preemption) and SIGINT (Ctrl-C; single-process runs and
+  runs without JAX's preemption service) save at the end of the step and exit;
   during start-up it stops at once, during an evaluation it ends the
   evaluation and saves the step, and while the input pipeline delivers
   nothing for ``config.stop_grace_secs`` after the signal (a stalled source)
   it stops without a save (the position inside a batch cannot be saved):
-  `runtime.StopRequested`, exit code 143. A second signal stops at once.
+  `runtime.StopRequested`, exit code 143 (130 for Ctrl-C). A second signal
+  stops at once.
   ``config.max_consecutive_nonfinite`` skipped (NaN/inf) steps in a row stop
   the run with an error naming the step and the non-finite parameter
   groups.
