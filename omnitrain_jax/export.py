@@ -15,7 +15,8 @@ The directory holds:
 * ``params.npz``: the checkpoint's params, flat (``"a/b/c"`` keys); they are
   an argument of the exported function, not constants baked into it, so the
   StableHLO stays small whatever the model's size.
-* ``vocab.txt``: the run's vocabulary (the tokenizer's input).
+* ``vocab.txt``: the run's vocabulary (the tokenizer's input), or ``--vocab``'s
+  (token rows matched to the run's by token string).
 * ``signature.json``: input shapes and dtypes, output names, the
   pre-processing, the platforms, the config the model came from and the
   checkpoint step.
@@ -157,7 +158,11 @@ def export_run(workdir: str, out: str, *, step: int | None = None,
     max_tokens: L, tokens per query.
     max_boxes: K, boxes per query (capped at the model's patches).
     platforms: lowering platforms (``cpu``, ``cuda``, ``rocm``, ``tpu``).
-    vocab: vocabulary file (default: `predictor.resolve_vocab`).
+    vocab: vocabulary file (default: `predictor.resolve_vocab`); one other
+      than the run's ``WORKDIR/vocab.txt`` (e.g. with new class names) gets
+      the trained rows of the tokens it shares with it, matched by token
+      string (`vocab_transfer`, reported in the log), and is the one
+      exported.
 
   Returns:
     The signature (also written as ``signature.json``).
@@ -176,8 +181,10 @@ def export_run(workdir: str, out: str, *, step: int | None = None,
   # The sequence of `Predictor.from_workdir`: no dataset is opened.
   setup = model_setup.create(config, vocab_size=len(vocabulary),
                              spec=preparation.spec_from_config(config.data))
+  # A vocabulary other than the run's gets the trained rows by token string
+  # (new tokens from their word pieces), as `predict --vocab` does.
   params, step = checkpointing.restore_params(workdir, setup.abstract_state,
-                                              step)
+                                              step, vocab=vocabulary)
   params = jax.device_get(params)
   model = setup.model
   trained_size = model.image_size
@@ -297,7 +304,8 @@ def _define_flags() -> None:
   flags.DEFINE_integer("max_boxes", 20, "K, boxes per query.")
   flags.DEFINE_list("platforms", list(DEFAULT_PLATFORMS),
                     "Lowering platforms (cpu, cuda, rocm, tpu).")
-  flags.DEFINE_string("vocab", None, "Vocabulary file (default: the run's).")
+  flags.DEFINE_string("vocab", None, "Vocabulary file (default: the run's); "
+                      "rows are matched to the run's by token string.")
   flags.mark_flags_as_required(["workdir", "out"])
 
 

@@ -206,3 +206,28 @@ print(json.dumps(sorted({{m.split(".")[0] for m in sys.modules}}
 """
   proc = _run([sys.executable, "-c", code])
   assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+
+
+def test_export_with_another_vocabulary(tiny_run, predictor, tmp_path):
+  # The run's vocabulary plus a new class name: the table gets the new row,
+  # the shared tokens keep their trained rows (matched by token string, as
+  # `predict --vocab` does), and the new vocabulary is the one exported.
+  from omnitrain_jax import export
+  from omnitrain_jax import vocab_transfer
+  from omnitrain_jax.models import omnidet
+  from omnitrain_jax.vocab import vocabulary as vocabulary_lib
+  workdir, _ = tiny_run
+  run_vocab = vocabulary_lib.Vocabulary.load(
+      vocab_transfer.workdir_vocab_path(workdir))
+  path = tmp_path / "vocab.txt"
+  path.write_text(pathlib.Path(vocab_transfer.workdir_vocab_path(
+      workdir)).read_text() + "lemon\t1\n")
+  assert len(vocabulary_lib.Vocabulary.load(path)) == len(run_vocab) + 1
+  out = tmp_path / "new_vocab"
+  export.export_run(workdir, str(out), batch=1, max_queries=1, max_tokens=1,
+                    max_boxes=1, platforms=["cpu"], vocab=str(path))
+  table = np.load(out / export.PARAMS_FILE)[omnidet.TOKEN_TABLE]
+  trained = np.asarray(predictor.params[omnidet.TOKEN_TABLE])
+  assert table.shape == (len(run_vocab) + 1, trained.shape[1])
+  np.testing.assert_array_equal(table[:len(run_vocab)], trained)
+  assert (out / export.VOCAB_FILE).read_text() == path.read_text()

@@ -41,6 +41,9 @@ Boxes, with static shapes (post-processing stays on the accelerator):
 * `detect_top_k`: the k best (box, query) pairs per image over all N * P
   pairs, optional per-query NMS (COCO/LVIS results: a box may appear under
   several categories, as in DETR-style sigmoid detectors).
+* `chunked_detect_top_k`: `detect_top_k` of a huge shared query set
+  (100k+ names, `queries.QueryChunks`) without ``[B, N, P]``: a scan over
+  query chunks with a running top-k of (box, query) pairs, same pairs.
 * `ground_top_k`: top-k boxes per phrase of per-image queries.
 * `nms_keep`: greedy NMS, optionally within groups.
 """
@@ -443,8 +446,26 @@ def detect_top_k(scores: jax.Array, boxes: jax.Array, k: int,
   b, n, p = scores.shape
   if not 1 <= k <= n * p:
     raise ValueError(f"k={k} must be in [1, {n * p}] (boxes x queries).")
+  # On ties lax.top_k keeps the lower flat index n * P + p first.
   top, flat = jax.lax.top_k(scores.reshape(b, n * p), k)  # [B, k]
-  box_index, labels = flat // p, flat % p
+  return _pairs_with_nms(top, flat // p, flat % p, boxes, nms_iou_threshold)
+
+
+def _pairs_with_nms(top: jax.Array, box_index: jax.Array, labels: jax.Array,
+                    boxes: jax.Array, nms_iou_threshold: float | None
+                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`detect_top_k`'s tail: gathers the pairs' boxes, per-query NMS.
+
+  Args:
+    top: ``[B, k]`` descending pair scores.
+    box_index: int ``[B, k]`` into N.
+    labels: int ``[B, k]`` query indices.
+    boxes: ``[B, N, 4]`` (cx, cy, w, h).
+    nms_iou_threshold: None for no NMS.
+
+  Returns:
+    (scores ``[B, k]``, labels int32 ``[B, k]``, boxes ``[B, k, 4]``).
+  """
   top_boxes = jnp.take_along_axis(boxes, box_index[..., None], axis=1)
   if nms_iou_threshold is not None:
     xyxy = box_ops.cxcywh_to_xyxy(top_boxes.astype(jnp.float32))
@@ -452,6 +473,127 @@ def detect_top_k(scores: jax.Array, boxes: jax.Array, k: int,
     top, top_boxes, labels = _suppressed_last(keep, -1.0, top, top_boxes,
                                               labels)
   return top, labels.astype(jnp.int32), top_boxes
+
+
+def chunk_query_scores(encoded: Mapping[str, jax.Array],
+                       embed_tokens: EmbedFn, tokens: jax.Array,
+                       query_valid: jax.Array | None = None) -> jax.Array:
+  """Scores of queries given as padded variants (one `QueryChunks` chunk).
+
+  A query's score is its best variant's geometric mean of token
+  probabilities (`query_scores`), 0 for a query without tokens: the scores
+  of `union_query_scores` for the same queries, computed from the
+  ``Pc * G * L`` rows of this chunk only.
+
+  Args:
+    encoded: `OmniDet.encode` outputs.
+    embed_tokens: ids ``[C]`` -> normalised rows ``[C, D]``.
+    tokens: int32 ``[Pc, G, L]``, 0 = pad.
+    query_valid: optional bool ``[Pc]``; False (padding) scores -inf, below
+      every real pair.
+
+  Returns:
+    float32 ``[B, N, Pc]``.
+  """
+  pc, g, l = tokens.shape
+  logits = query_logits(encoded, embed_tokens,
+                        tokens.reshape(pc * g, l))  # [B, N, Pc*G, L]
+  variant = query_scores(logits, tokens.reshape(pc * g, l) != schema.PAD_ID)
+  # All variant scores are >= 0 (0: an all-padding variant), so the max over
+  # G is the best real variant's, or 0 for a query without any.
+  scores = variant.reshape(variant.shape[:2] + (pc, g)).max(-1)
+  if query_valid is not None:
+    scores = jnp.where(query_valid, scores, -jnp.inf)
+  return scores
+
+
+def chunked_detect_top_k(encoded: Mapping[str, jax.Array],
+                         embed_tokens: EmbedFn, tokens: jax.Array,
+                         query_valid: jax.Array, k: int, *,
+                         num_queries: int,
+                         nms_iou_threshold: float | None = None,
+                         fixed_k: int | None = None
+                         ) -> dict[str, jax.Array]:
+  """`detect_top_k` of a huge shared query set, one query chunk at a time.
+
+  ``detect_top_k(union_query_scores(...))`` without ``[B, N, P]`` or
+  `TokenUnion`'s ``[U', R]`` weights: a `lax.scan` over the chunks of a
+  `queries.QueryChunks` scores each chunk (`chunk_query_scores`, ``[B, N,
+  Pc]``), takes its k best (box, query) pairs and merges them into a
+  running top-k ``[B, k]``. The merge sorts by (score descending, box index,
+  query index), the order `lax.top_k` gives the flat ``[B, N * P]`` array
+  (equal scores: lower flat index ``n * P + p`` first), so the pairs and
+  their order are `detect_top_k`'s, ties included. Per-query NMS then runs
+  on the k pairs as there. Memory per step: ``B * N * Pc * G * L`` logits
+  and a top-k over ``[B, N * Pc]``.
+
+  Args:
+    encoded: `OmniDet.encode` outputs (``pred_boxes`` ``[B, N, 4]`` cxcywh).
+    embed_tokens: ids ``[C]`` -> normalised rows ``[C, D]``.
+    tokens: int32 ``[C, Pc, G, L]`` (`QueryChunks.tokens`).
+    query_valid: bool ``[C, Pc]`` (`QueryChunks.query_valid`).
+    k: pairs per image (static), ``1 <= k <= N * num_queries``.
+    num_queries: P, the real queries (static).
+    nms_iou_threshold: None for no NMS, else per-query NMS above this IoU.
+    fixed_k: also each query's `fixed_k` best boxes per image, with the
+      same NMS (`top_k_detections`; fixed AP's candidates), as the scan's
+      per-chunk outputs: ``[B, P, fixed_k]`` grows with P (the caller
+      decides whether that fits).
+
+  Returns:
+    ``scores`` ``[B, k]`` descending (-1 for pairs dropped by NMS, sorted
+    last), ``labels`` int32 ``[B, k]`` query indices, ``boxes`` ``[B, k,
+    4]``; with `fixed_k` also ``fixed_scores`` ``[B, P, fixed_k]`` and
+    ``fixed_boxes`` ``[B, P, fixed_k, 4]``.
+  """
+  c, pc = tokens.shape[:2]
+  boxes = encoded["pred_boxes"]
+  b, n, _ = boxes.shape
+  if not 1 <= num_queries <= c * pc:
+    raise ValueError(f"num_queries={num_queries} must be in [1, {c * pc}] "
+                     f"({c} chunks of {pc}).")
+  if not 1 <= k <= n * num_queries:
+    raise ValueError(f"k={k} must be in [1, {n * num_queries}] (boxes x "
+                     "queries).")
+  if fixed_k is not None and not 1 <= fixed_k <= n:
+    raise ValueError(f"fixed_k={fixed_k} must be in [1, {n}] (the number "
+                     "of boxes).")
+  kc = min(k, n * pc)  # A chunk's candidates.
+  offsets = jnp.arange(c, dtype=jnp.int32) * pc
+
+  def step(carry, chunk):
+    ids, valid, offset = chunk
+    scores = chunk_query_scores(encoded, embed_tokens, ids, valid)  # [B,N,Pc]
+    # The chunk's best; ties in the order (n, p), as the flat array's.
+    top, flat = jax.lax.top_k(scores.reshape(b, n * pc), kc)  # [B, kc]
+    cand = (jnp.concatenate([carry[0], -top], axis=-1),
+            jnp.concatenate([carry[1], flat // pc], axis=-1),
+            jnp.concatenate([carry[2], flat % pc + offset], axis=-1))
+    # Three keys: (-score, box, query) ascending is the flat top-k's order.
+    merged = jax.lax.sort(cand, dimension=1, num_keys=3)
+    carry = tuple(x[:, :k] for x in merged)
+    if fixed_k is None:
+      return carry, None
+    fixed_scores, fixed_boxes, _ = top_k_detections(
+        scores, boxes, fixed_k, nms_iou_threshold=nms_iou_threshold)
+    return carry, (fixed_scores, fixed_boxes)
+
+  # The carry holds negated scores (the sort is ascending); empty slots are
+  # +inf, after every real pair (real scores >= 0 and k <= N * P).
+  init = (jnp.full((b, k), jnp.inf, jnp.float32),
+          jnp.full((b, k), n, jnp.int32),
+          jnp.full((b, k), c * pc, jnp.int32))
+  (neg, box_index, labels), fixed = jax.lax.scan(
+      step, init, (tokens, query_valid, offsets))
+  top, labels, top_boxes = _pairs_with_nms(
+      -neg, box_index, labels, boxes, nms_iou_threshold)
+  out = {"scores": top, "labels": labels, "boxes": top_boxes}
+  if fixed_k is not None:
+    # [C, B, Pc, ...] -> [B, C * Pc, ...] -> the real queries.
+    fs, fb = (jnp.moveaxis(x, 0, 1) for x in fixed)
+    out["fixed_scores"] = fs.reshape(b, c * pc, fixed_k)[:, :num_queries]
+    out["fixed_boxes"] = fb.reshape(b, c * pc, fixed_k, 4)[:, :num_queries]
+  return out
 
 
 def per_image_query_scores(encoded: Mapping[str, jax.Array],

@@ -308,3 +308,160 @@ def test_top_k_detections_nms_per_query_and_class_agnostic():
   # `far`/query 0 (0.1).
   np.testing.assert_allclose(top, [[[0.9, 0.0, 0.0], [0.2, 0.0, 0.0]]])
   assert idx[0, 0, 0] == 0 and idx[0, 1, 0] == 2
+
+
+# ------------------------------------------------- chunked detection path
+_CHUNK_QUERIES = [
+    queries.Query("a/b", variants=((2, 3), (4,))),
+    queries.Query("unknown", variants=()),
+    queries.Query("c", variants=((5,),)),
+    queries.Query("d", variants=((6, 7, 8),)),
+    queries.Query("e/f/g", variants=((9,), (10, 11), (12,))),
+]
+
+
+def _dense_queries(qs, enc, table):
+  """The reference ``[B, N, P]``: per-variant `score_queries`, max per query."""
+  cols = []
+  for q in qs:
+    if not q.variants:
+      cols.append(np.zeros(enc["pred_boxes"].shape[:2], np.float32))
+      continue
+    tokens, _ = inference.build_query_tokens(q.variants)
+    cols.append(np.asarray(inference.score_queries(
+        enc, _embed_jnp(table), tokens)).max(-1))
+  return np.stack(cols, -1)
+
+
+def _chunked(enc, table, qs, chunk_tokens, k, nms=None, fixed_k=None):
+  chunks = queries.QueryChunks.build(qs, chunk_tokens=chunk_tokens)
+  fn = jax.jit(functools.partial(
+      inference.chunked_detect_top_k, embed_tokens=_embed_jnp(table), k=k,
+      num_queries=chunks.num_queries, nms_iou_threshold=nms,
+      fixed_k=fixed_k))
+  out = fn(enc, tokens=chunks.tokens, query_valid=chunks.query_valid)
+  return chunks, {name: np.asarray(x) for name, x in out.items()}
+
+
+def test_chunk_query_scores_equal_dense_scores():
+  enc = _encoded()
+  table = np.random.default_rng(5).normal(size=(20, 8)).astype(np.float32)
+  chunks = queries.QueryChunks.build(_CHUNK_QUERIES, chunk_tokens=1024)
+  got = inference.chunk_query_scores(enc, _embed_jnp(table),
+                                     chunks.tokens[0], chunks.query_valid[0])
+  want = _dense_queries(_CHUNK_QUERIES, enc, table)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+  assert np.all(np.asarray(got)[..., 1] == 0)  # The empty query.
+  np.testing.assert_allclose(
+      got, _union_scores(enc, table, _CHUNK_QUERIES, 3), rtol=1e-5,
+      atol=1e-7)
+
+
+# chunk_tokens 9: one query per step (G = L = 3); 18: 3 chunks of 2, the
+# last with a padding query; 1024: one chunk.
+@pytest.mark.parametrize("chunk_tokens,nms",
+                         [(9, None), (18, None), (18, 0.3), (1024, 0.3)])
+def test_chunked_detect_top_k_equals_dense_detect_top_k(chunk_tokens, nms):
+  enc = _encoded(b=2, n=6)
+  table = np.random.default_rng(6).normal(size=(20, 8)).astype(np.float32)
+  dense = _dense_queries(_CHUNK_QUERIES, enc, table)  # [B, N, P]
+  k = 6 * len(_CHUNK_QUERIES)  # Every pair: the whole order is checked.
+  chunks, got = _chunked(enc, table, _CHUNK_QUERIES, chunk_tokens, k, nms,
+                         fixed_k=3)
+  if chunk_tokens == 18:
+    assert chunks.tokens.shape[:2] == (3, 2)
+    assert not chunks.query_valid[-1, -1]
+  want = inference.detect_top_k(dense, enc["pred_boxes"], k, nms)
+  np.testing.assert_allclose(got["scores"], want[0], rtol=1e-5, atol=1e-7)
+  np.testing.assert_array_equal(got["labels"], want[1])
+  np.testing.assert_allclose(got["boxes"], want[2])
+  assert got["labels"].max() < len(_CHUNK_QUERIES)  # Padding never selected.
+  fixed_scores, fixed_boxes, _ = inference.top_k_detections(
+      dense, enc["pred_boxes"], 3, nms_iou_threshold=nms)
+  np.testing.assert_allclose(got["fixed_scores"], fixed_scores, rtol=1e-5,
+                             atol=1e-7)
+  np.testing.assert_allclose(got["fixed_boxes"], fixed_boxes)
+  with pytest.raises(ValueError, match="boxes x queries"):
+    _chunked(enc, table, _CHUNK_QUERIES, chunk_tokens, k + 1)
+
+
+def test_chunked_detect_top_k_breaks_ties_like_the_flat_top_k():
+  # Boxes 1 and 4 are the same box; queries 0 and 3 the same token: the four
+  # pairs (1, 0), (1, 3), (4, 0), (4, 3) tie exactly. The flat top-k keeps
+  # them in the order n * P + p; a merge that let earlier chunks win ties
+  # would give (1, 0), (4, 0), (1, 3), (4, 3).
+  enc = _encoded(b=1, n=6)
+  for name in ("class_embeddings", "logit_scale", "logit_shift",
+               "pred_boxes"):
+    enc[name][:, 4] = enc[name][:, 1]
+  table = np.random.default_rng(7).normal(size=(10, 8)).astype(np.float32)
+  qs = [queries.Query(str(t), variants=((t,),)) for t in (2, 3, 4, 2, 5)]
+  dense = np.asarray(inference.score_queries(
+      enc, _embed_jnp(table), np.array([[2], [3], [4], [2], [5]], np.int32)))
+  assert dense[0, 1, 0] == dense[0, 4, 3]  # The tie is exact.
+  k = 30
+  _, got = _chunked(enc, table, qs, 1, k)  # One query per chunk.
+  want = [np.asarray(x) for x in inference.detect_top_k(
+      dense, enc["pred_boxes"], k)]
+  order = np.lexsort((np.tile(np.arange(5), 6), np.repeat(np.arange(6), 5),
+                      -dense[0].ravel()))  # score desc, then n, then p.
+  np.testing.assert_array_equal(want[1][0], order % 5)
+  np.testing.assert_array_equal(got["labels"], want[1])
+  np.testing.assert_allclose(got["boxes"], want[2])
+  np.testing.assert_allclose(got["scores"], want[0], rtol=1e-6)
+
+
+def test_chunked_padding_queries_are_never_selected():
+  # Three queries in 2 chunks of 2 (one padding query) and k = N * P: every
+  # real pair is taken, even those scoring 0 (the empty query), and none of
+  # the padding query's.
+  enc = _encoded(b=2, n=4)
+  table = np.random.default_rng(8).normal(size=(10, 8)).astype(np.float32)
+  qs = [queries.Query("a", ((2,),)), queries.Query("none", ()),
+        queries.Query("b", ((3,),))]
+  chunks, got = _chunked(enc, table, qs, 2, k=12)
+  assert chunks.tokens.shape[:2] == (2, 2)
+  for b in range(2):
+    assert sorted(got["labels"][b].tolist()) == [0] * 4 + [1] * 4 + [2] * 4
+  assert np.all(got["scores"][:, -4:] == 0)  # The empty query's, last.
+
+
+@pytest.mark.parametrize("nms", [0.0, 0.3])
+@pytest.mark.parametrize("fixed_ap", [False, True])
+def test_det_evaluator_paths_give_the_same_detections(nms, fixed_ap):
+  from omnitrain_jax.evaluation import det_evaluator
+  from omnitrain_jax.evaluation import options as options_lib
+  enc = _encoded(b=2, n=6, seed=9)
+  table = np.random.default_rng(9).normal(size=(20, 8)).astype(np.float32)
+  outs = {}
+  for limit, want_path in ((1 << 30, "union"), (0, "chunked")):
+    opts = options_lib.EvalOptions(max_detections=17, nms_iou=nms,
+                                   token_chunk=8, union_max_entries=limit,
+                                   fixed_ap_per_image=4)
+    path, consts, detect = det_evaluator.query_detector(
+        _CHUNK_QUERIES, opts, num_boxes=6, fixed_ap=fixed_ap)
+    assert path == want_path
+    fn = jax.jit(lambda e, c, detect=detect: detect(e, _embed_jnp(table), c))
+    outs[path] = {k: np.asarray(v) for k, v in fn(enc, consts).items()}
+  union, chunked = outs["union"], outs["chunked"]
+  assert set(union) == set(chunked)
+  assert union["scores"].shape == (2, 17)
+  np.testing.assert_allclose(chunked["scores"], union["scores"], rtol=1e-5,
+                             atol=1e-7)
+  np.testing.assert_array_equal(chunked["labels"], union["labels"])
+  np.testing.assert_allclose(chunked["boxes"], union["boxes"])
+  if fixed_ap:
+    np.testing.assert_allclose(chunked["fixed_scores"],
+                               union["fixed_scores"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(chunked["fixed_boxes"], union["fixed_boxes"])
+
+
+def test_fixed_ap_over_too_many_categories_is_refused():
+  from omnitrain_jax.evaluation import det_evaluator
+  from omnitrain_jax.evaluation import options as options_lib
+  opts = options_lib.EvalOptions()  # max_dets_per_cat 10,000.
+  det_evaluator._check_fixed_ap_fits("lvis", 1203, opts)  # Fits.
+  with pytest.raises(ValueError, match="eval.fixed_ap=none"):
+    det_evaluator._check_fixed_ap_fits("huge", 100_000, opts)
+  with pytest.raises(ValueError, match="union_max_entries"):
+    options_lib.EvalOptions(union_max_entries=-1)

@@ -35,7 +35,15 @@ class EvalOptions:
       the right choice for one-to-one training. Models trained with
       ``loss.matches_per_target > 1`` predict each object several times and
       need it (e.g. 0.5).
-    token_chunk: query tokens per logits chunk (memory ``[B, N, chunk]``).
+    token_chunk: query tokens per logits chunk (memory ``[B, N, chunk]``),
+      on both det scoring paths (see ``union_max_entries``).
+    union_max_entries: det datasets: the largest ``U' * R`` (union tokens x
+      query variants) scored the union way (`queries.TokenUnion`: a float32
+      ``[U', R]`` weight matrix, 4 bytes an entry, and ``[B, N, R]`` sums);
+      a larger query set (e.g. 100k+ category names) is scanned in query
+      chunks (`queries.QueryChunks`, `inference.chunked_detect_top_k`) with
+      the same detections. Default 2**24 (64 MiB of weights; LVIS's 1203
+      names need ~1.6M).
     coco_backend: ``faster_coco_eval`` or ``pycocotools`` (LVIS needs the
       former).
     max_batches: stop each dataset after this many batches (quick periodic
@@ -62,6 +70,7 @@ class EvalOptions:
   max_detections: int = 300
   nms_iou: float = 0.0
   token_chunk: int = 1024
+  union_max_entries: int = 1 << 24
   coco_backend: str = "faster_coco_eval"
   max_batches: int | None = None
   grounding_query: str = "spans"
@@ -88,6 +97,9 @@ class EvalOptions:
                  "fixed_ap_per_image"):
       if getattr(self, name) < 1:
         raise ValueError(f"eval.{name}={getattr(self, name)} must be >= 1.")
+    if self.union_max_entries < 0:
+      raise ValueError(f"eval.union_max_entries={self.union_max_entries} "
+                       "must be >= 0 (0: always the chunked path).")
     if not 0.0 <= self.nms_iou < 1.0:
       raise ValueError(f"eval.nms_iou={self.nms_iou} must be in [0, 1) "
                        "(0: no NMS).")

@@ -24,7 +24,11 @@ words and logs them once per dataset.
 `TokenUnion` turns a shared query set (a dataset's category names, e.g. LVIS's
 1203) into the arrays the chunked scorer (`inference.union_query_scores`)
 needs: the union of the queries' tokens, so that logits are computed once per
-token, never per query or for the whole vocabulary.
+token, never per query or for the whole vocabulary. Its ``[U', R]`` weight
+matrix (union tokens x variants) grows as the square of the query set, so a
+huge set (100k+ names) uses `QueryChunks` instead: padded per-chunk token
+lists for `inference.chunked_detect_top_k`, which never holds more than one
+chunk's scores.
 """
 
 from __future__ import annotations
@@ -269,6 +273,34 @@ class TokenUnion:
     return (self.groups.shape[1] == 1 and
             np.array_equal(self.groups[:, 0], np.arange(len(self.groups))))
 
+  @staticmethod
+  def _layout(queries: Sequence[Query], chunk_size: int
+              ) -> tuple[list[tuple[int, ...]], list[int], int, int]:
+    """(variants, sorted union, chunk, padded union size U')."""
+    if not queries:
+      raise ValueError("No queries to score; pass at least one query.")
+    if chunk_size < 1:
+      raise ValueError(f"chunk_size={chunk_size} must be >= 1.")
+    variants = [v for q in queries for v in q.variants]
+    union = sorted({t for v in variants for t in v})
+    # As few chunks as `chunk_size` allows, split evenly: 1289 tokens with
+    # chunk_size 1024 become 2 chunks of 645, not 2 of 1024 (37% padding).
+    num_chunks = -(-max(len(union), 1) // chunk_size)
+    chunk = -(-max(len(union), 1) // num_chunks)
+    return variants, union, chunk, num_chunks * chunk
+
+  @classmethod
+  def weight_entries(cls, queries: Sequence[Query], chunk_size: int = 1024
+                     ) -> int:
+    """``U' * R``, the entries of `build`'s ``weights``, without building it.
+
+    The union path's cost grows with it (the host matrix, the device copy and
+    the ``[B, N, R]`` sums); `det_evaluator` switches to `QueryChunks` above
+    ``eval.union_max_entries``.
+    """
+    variants, _, _, padded = cls._layout(queries, chunk_size)
+    return padded * max(len(variants), 1)
+
   @classmethod
   def build(cls, queries: Sequence[Query], chunk_size: int = 1024
             ) -> TokenUnion:
@@ -282,17 +314,7 @@ class TokenUnion:
     Returns:
       The `TokenUnion`.
     """
-    if not queries:
-      raise ValueError("No queries to score; pass at least one query.")
-    if chunk_size < 1:
-      raise ValueError(f"chunk_size={chunk_size} must be >= 1.")
-    variants = [v for q in queries for v in q.variants]
-    union = sorted({t for v in variants for t in v})
-    # As few chunks as `chunk_size` allows, split evenly: 1289 tokens with
-    # chunk_size 1024 become 2 chunks of 645, not 2 of 1024 (37% padding).
-    num_chunks = -(-max(len(union), 1) // chunk_size)
-    chunk = -(-max(len(union), 1) // num_chunks)
-    padded = num_chunks * chunk
+    variants, union, chunk, padded = cls._layout(queries, chunk_size)
     token_ids = np.zeros((padded,), np.int32)
     token_ids[:len(union)] = union
     row = {t: i for i, t in enumerate(union)}
@@ -312,6 +334,72 @@ class TokenUnion:
         r += 1
     return cls(token_ids=token_ids, weights=weights, variant_valid=valid,
                groups=groups, chunk_size=chunk)
+
+
+@dataclasses.dataclass(frozen=True)
+class QueryChunks:
+  """A shared query set as padded chunks for `inference.chunked_detect_top_k`.
+
+  The layout for query sets too large for `TokenUnion` (100k+ names, whose
+  ``[U', R]`` weights would be ~U'^2): every query is its variants' padded
+  token lists, and the scorer scans the chunks, computing only the chunk's
+  logits ``[B, N, Pc * G * L]`` and scores ``[B, N, Pc]`` per step. Chunk c
+  holds queries ``c * Pc`` to ``c * Pc + Pc - 1``, in the given order; the
+  last chunk is filled with padding queries (`query_valid` False, never
+  selected). G and L are the largest variant count and variant length of
+  the set, so one query with many alternatives or tokens pads every query
+  to its size (memory, not results).
+
+  Attributes:
+    tokens: int32 ``[C, Pc, G, L]`` token ids, 0 = pad; a variant of all
+      padding scores 0, a query of all padding (no known token) scores 0.
+    query_valid: bool ``[C, Pc]``; False for padding queries.
+    num_queries: P, the real queries (``<= C * Pc``).
+  """
+  tokens: np.ndarray
+  query_valid: np.ndarray
+  num_queries: int
+
+  @property
+  def chunk_queries(self) -> int:
+    """Pc, queries per scan step."""
+    return self.tokens.shape[1]
+
+  @classmethod
+  def build(cls, queries: Sequence[Query], chunk_tokens: int = 1024
+            ) -> QueryChunks:
+    """Arrays for `queries` (at least one).
+
+    Args:
+      queries: the shared queries (e.g. one per category).
+      chunk_tokens: most query tokens per scan step, ``Pc * G * L`` (at
+        least one query per step): the scorer's memory per step is
+        ``B * N * chunk_tokens`` logits (plus a ``[B, N * Pc]`` top-k).
+
+    Returns:
+      The `QueryChunks`.
+    """
+    if not queries:
+      raise ValueError("No queries to score; pass at least one query.")
+    if chunk_tokens < 1:
+      raise ValueError(f"chunk_tokens={chunk_tokens} must be >= 1.")
+    # Unique ids per variant (a repeated token would weigh twice).
+    variants = [[list(dict.fromkeys(v)) for v in q.variants] for q in queries]
+    g = max(1, max(len(vs) for vs in variants))
+    l = max([1] + [len(v) for vs in variants for v in vs])
+    p = len(queries)
+    per_chunk = min(p, max(1, chunk_tokens // (g * l)))
+    # Split evenly, as `TokenUnion` does: the fewest chunks, least padding.
+    num_chunks = -(-p // per_chunk)
+    per_chunk = -(-p // num_chunks)
+    tokens = np.zeros((num_chunks * per_chunk, g, l), np.int32)
+    for i, vs in enumerate(variants):
+      for j, v in enumerate(vs):
+        tokens[i, j, :len(v)] = v
+    valid = np.arange(num_chunks * per_chunk) < p
+    return cls(tokens=tokens.reshape(num_chunks, per_chunk, g, l),
+               query_valid=valid.reshape(num_chunks, per_chunk),
+               num_queries=p)
 
 
 def pad_queries(queries: Sequence[Query], num_queries: int, max_tokens: int

@@ -119,3 +119,41 @@ def test_pad_queries(tok):
     queries.pad_queries(qs, 3, 1)
   with pytest.raises(ValueError, match="room"):
     queries.pad_queries(qs, 1, 2)
+
+
+def test_token_union_weight_entries_without_building(tok):
+  qs = [queries.category_query(tok, n)
+        for n in ("red circle", "Monitor/TV", "giraffe", "star")]
+  for chunk in (1, 2, 4, 1024):
+    union = queries.TokenUnion.build(qs, chunk_size=chunk)
+    assert queries.TokenUnion.weight_entries(qs, chunk) == union.weights.size
+
+
+def test_query_chunks_layout():
+  qs = [queries.Query("a/b", variants=((5, 6), (7,))),
+        queries.Query("none", variants=()),
+        queries.Query("c", variants=((8, 9, 8),)),  # A repeated token.
+        queries.Query("d", variants=((4,),)),
+        queries.Query("e", variants=((3,),))]
+  # G = 2 variants, L = 2 tokens (after dropping the repeat): 4 tokens a
+  # query; 9 tokens a step -> 2 queries a chunk -> 3 chunks, one padding.
+  chunks = queries.QueryChunks.build(qs, chunk_tokens=9)
+  assert chunks.tokens.shape == (3, 2, 2, 2)
+  assert chunks.num_queries == 5 and chunks.chunk_queries == 2
+  assert chunks.tokens.shape[1] * 2 * 2 <= 9  # The memory bound.
+  flat = chunks.tokens.reshape(6, 2, 2)
+  np.testing.assert_array_equal(flat[0], [[5, 6], [7, 0]])
+  np.testing.assert_array_equal(flat[1], 0)  # No variant: all padding.
+  np.testing.assert_array_equal(flat[2], [[8, 9], [0, 0]])
+  np.testing.assert_array_equal(flat[3], [[4, 0], [0, 0]])
+  np.testing.assert_array_equal(flat[5], 0)
+  np.testing.assert_array_equal(chunks.query_valid.ravel(),
+                                [True] * 5 + [False])
+  # Split evenly: 5 queries a step at most -> 1 chunk of 5, no padding;
+  # fewer tokens than one query -> one query a step.
+  assert queries.QueryChunks.build(qs, 1024).tokens.shape == (1, 5, 2, 2)
+  assert queries.QueryChunks.build(qs, 1).tokens.shape == (5, 1, 2, 2)
+  # 4 queries a step at most: 2 chunks of 3 (not 4 + 1).
+  assert queries.QueryChunks.build(qs, 16).tokens.shape == (2, 3, 2, 2)
+  with pytest.raises(ValueError, match="at least one query"):
+    queries.QueryChunks.build([], 8)
