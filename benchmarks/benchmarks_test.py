@@ -153,3 +153,16 @@ def test_vocab_inference_chunked_top_k_matches_dense():
   assert large["variants"]["dense"]["memory"]["temp"] >= logits_bytes
   assert large["variants"]["chunked"]["memory"]["temp"] < logits_bytes / 4
   assert set(report["chunked_time_over_first"]) == {"20000", "30000"}
+
+
+def test_vocab_inference_det_paths_agree():
+  from benchmarks import vocab_inference  # pylint: disable=import-outside-toplevel
+  report = vocab_inference.main([
+      "--vocab_sizes=", "--det_categories=200,2000", "--image_size=32",
+      "--dims=32,1,2,64", "--det_chunk=128", "--union_max_entries=100000",
+      "--max_detections=20", "--repeats=1"])
+  small, large = report["det_cases"]
+  assert set(small["variants"]) == {"chunked", "union"}
+  assert small["same_detections"] is True
+  assert isinstance(large["union"], str) and "does not fit" in large["union"]
+  assert set(large["variants"]) == {"chunked"}
