@@ -1,6 +1,5 @@
 """Fixtures shared by the whole-program tests."""
 
-import os
 import pathlib
 import shutil
 import subprocess
@@ -9,16 +8,10 @@ import sys
 import filelock
 import pytest
 
+from binaries import subprocess_env  # tests/binaries.py
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY_CONFIG = str(REPO / "configs" / "shapes_demo.py") + ":tiny"
-
-
-def subprocess_env() -> dict[str, str]:
-  """The environment of a binary run by a test: CPU, this checkout first."""
-  env = dict(os.environ)
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-  return env
 
 
 @pytest.fixture(scope="session")

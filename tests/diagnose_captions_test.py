@@ -2,7 +2,6 @@
 
 import json
 import math
-import os
 import pathlib
 import runpy
 import subprocess
@@ -10,6 +9,8 @@ import sys
 
 import numpy as np
 import pytest
+
+import binaries  # tests/binaries.py
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TOOL = REPO / "experiments" / "diagnose_captions.py"
@@ -35,11 +36,7 @@ def _caption_objects(caption: str) -> list[tuple[int, set[str]]]:
   return items
 
 
-def _env() -> dict[str, str]:
-  env = dict(os.environ)
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-  return env
+_env = binaries.subprocess_env
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,8 @@ import sys
 import numpy as np
 import pytest
 
+import binaries  # tests/binaries.py
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "shapes_demo.py") + ":tiny"
 DET_KEYS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR", "AP_base",
@@ -30,11 +32,7 @@ GRD_KEYS = ["acc@0.5", "num_phrases", "unknown_query_words",
 
 
 def _env(devices=1):
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-  return env
+  return binaries.subprocess_env(devices)
 
 
 def _run(cmd, env, timeout=600):

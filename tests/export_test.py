@@ -8,7 +8,6 @@ grain in `sys.modules`).
 """
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -17,17 +16,15 @@ import numpy as np
 from PIL import Image
 import pytest
 
+import binaries  # tests/binaries.py
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 QUERIES = ["red circle", "blue star", "zebra", "green square", "cross",
            "yellow triangle"]
 TRAINING_CODE = ("flax", "optax", "orbax", "grain")
 
 
-def _env():
-  env = dict(os.environ)
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-  return env
+_env = binaries.subprocess_env
 
 
 def _run(cmd, timeout=600):

@@ -18,6 +18,8 @@ import time
 
 import pytest
 
+import binaries  # tests/binaries.py
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "shapes_demo.py") + ":tiny"
 # Checkpoints at 2, 4, 6, 8 (the last 3 kept), a metrics line every step.
@@ -26,11 +28,7 @@ FLAGS = ("--config.total_steps=8", "--config.log_every_steps=1",
 
 
 def _env() -> dict[str, str]:
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-  return env
+  return binaries.subprocess_env(devices=1)
 
 
 def _cmd(workdir, cache_dir, *overrides) -> list[str]:

@@ -14,7 +14,6 @@ One tiny ShapesWorld run (`tiny_run`, 2 steps) is the trained model. Then:
 """
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -27,6 +26,8 @@ from omnitrain_jax import checkpointing
 from omnitrain_jax import vocab_transfer
 from omnitrain_jax.vocab import vocabulary as vocabulary_lib
 
+import binaries  # tests/binaries.py
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY_CONFIG = str(REPO / "configs" / "shapes_demo.py") + ":tiny"
 FINETUNE_CONFIG = str(REPO / "configs" / "finetune.py") + ":tiny"
@@ -37,11 +38,7 @@ CATEGORIES = {1: "lemon", 2: "brick", 3: "green leaf"}
 NEW_TOKENS = ("lemon", "brick", "green leaf")
 
 
-def _env():
-  env = dict(os.environ)
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-  return env
+_env = binaries.subprocess_env
 
 
 def _run(cmd, timeout=600):

@@ -6,7 +6,6 @@ once; the library (`Predictor`) is checked in this process.
 """
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -15,14 +14,12 @@ import numpy as np
 from PIL import Image
 import pytest
 
+import binaries  # tests/binaries.py
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _env():
-  env = dict(os.environ)
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-  return env
+_env = binaries.subprocess_env
 
 
 def _run(cmd, timeout=600):

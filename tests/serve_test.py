@@ -12,7 +12,6 @@ import contextlib
 import http.client
 import io
 import json
-import os
 import pathlib
 import re
 import shutil
@@ -26,6 +25,8 @@ import numpy as np
 from PIL import Image
 import pytest
 
+import binaries  # tests/binaries.py
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -34,11 +35,7 @@ INSTALL = ("run `sudo .ci/install_browser.sh` (Debian/Ubuntu: apt-get "
 HTTP_TIMEOUT = 120  # One request (the first one compiles).
 
 
-def _env():
-  env = dict(os.environ)
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-  return env
+_env = binaries.subprocess_env
 
 
 @contextlib.contextmanager

@@ -1,0 +1,24 @@
+"""What the whole-program tests share to run the binaries."""
+
+import os
+import pathlib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def subprocess_env(devices: int | None = None) -> dict[str, str]:
+  """The environment of a binary run by a test: CPU, this checkout first.
+
+  Args:
+    devices: fake CPU devices (`XLA_FLAGS`); None keeps the caller's setting.
+
+  Returns:
+    A copy of `os.environ` (with the test run's compilation cache, see the
+    root conftest.py) plus these.
+  """
+  env = dict(os.environ)
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+  if devices is not None:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  return env
