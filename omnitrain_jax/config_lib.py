@@ -39,6 +39,8 @@ def data_config(tiny: bool = False) -> ml_collections.ConfigDict:
       num_val_images=12 if tiny else 200,  # Val images per stream.
       image_size=64 if tiny else 128,
       seed=0,
+      # > 0: img captions leave out objects (real captions are partial).
+      caption_drop_fraction=0.0,
   ))
   # Relative paths resolve against the generated dataset (or data.root).
   data.sources = ml_collections.ConfigDict(dict(
@@ -71,6 +73,10 @@ def data_config(tiny: bool = False) -> ml_collections.ConfigDict:
       max_caption_tokens=16,
       max_neg_tokens=64,  # ShapesWorld: up to ~20 negative tokens.
       num_candidates=32 if tiny else 64,
+      # Caption phrases (img, for loss.img_phrase_weight): ShapesWorld lists
+      # up to 6 objects, "two large pink hexagons" has 3 tokens.
+      max_phrases=8,
+      max_phrase_tokens=4,
   ))
   data.augment = ml_collections.ConfigDict(dict(
       enabled=True,

@@ -132,7 +132,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
   def loss_fn(params):
     outputs = model.apply({"params": params}, batch["image"], batch["candidates"],
                           train=True, rngs={"dropout": rng})
-    return omni_loss_lib.omni_loss(outputs, batch, loss_config)
+    return omni_loss_lib.omni_loss(outputs, batch, loss_config,
+                                   step=state.step)
 
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   group_ok = _group_finite(grads)
@@ -195,7 +196,8 @@ def sparse_train_step(state: TrainState, batch: dict[str, jax.Array], *,
     outputs = row_model.apply({"params": {**rest, optim.TABLE: rows}},
                               batch["image"], local, train=True,
                               rngs={"dropout": rng})
-    return omni_loss_lib.omni_loss(outputs, batch, loss_config)
+    return omni_loss_lib.omni_loss(outputs, batch, loss_config,
+                                   step=state.step)
 
   (loss, metrics), (g_rest, g_rows) = jax.value_and_grad(
       loss_fn, argnums=(0, 1), has_aux=True)(rest, rows)

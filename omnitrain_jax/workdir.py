@@ -144,8 +144,12 @@ _MODEL_RUNTIME_FIELDS = ('model.dtype', 'model.remat', 'model.remat_policy',
 # update keeps the table's moments apart (train_step.TrainState).
 _STATE_FIELDS = ('optimizer.token_table_update',)
 # What a saved config without the field meant: it is from before the field
-# existed, when the table was updated densely.
-_SAVED_DEFAULTS = {'optimizer.token_table_update': 'dense'}
+# existed, when the table was updated densely. The caption-phrase fields of
+# the batch (issue 12) shape no saved state: a run from before them resumes.
+_SAVED_DEFAULTS = {'optimizer.token_table_update': 'dense',
+                   'data.spec.max_phrases': 8,
+                   'data.spec.max_phrase_tokens': 4,
+                   'data.shapes_world.caption_drop_fraction': 0.0}
 
 
 class ResumeConfigError(ValueError):

@@ -71,3 +71,17 @@ def test_resume_config_refuses_a_changed_table_update():
     workdir.check_resume_config('W', saved, new)
   dense = {'optimizer': {'learning_rate': 1e-3, 'token_table_update': 'dense'}}
   assert workdir.check_resume_config('W', saved, dense) == []
+
+
+def test_a_run_from_before_the_phrase_fields_resumes():
+  """The caption-phrase batch fields shape no saved state: a saved config
+  without them is not a change (with other values it is refused as usual)."""
+  saved = {'data': {'spec': {'image_size': 64}}}
+  new = {'data': {'spec': {'image_size': 64, 'max_phrases': 8,
+                           'max_phrase_tokens': 4},
+                  'shapes_world': {'caption_drop_fraction': 0.0}}}
+  assert workdir.check_resume_config('W', saved, new) == []
+  more = {'data': {'spec': {'image_size': 64, 'max_phrases': 12,
+                            'max_phrase_tokens': 4}}}
+  with pytest.raises(workdir.ResumeConfigError, match='max_phrases: 8 -> 12'):
+    workdir.check_resume_config('W', saved, more)

@@ -61,6 +61,11 @@ Two levels:
    ``box_tokens``       int32 [M, T]         the box's positive token ids, 0 = pad
    ``phrase_ids``       int32 [M]            see records; -1 for padding
    ``caption_tokens``   int32 [C]            tokens of ``caption`` (img, grd), 0 = pad
+   ``phrase_tokens``    int32 [P, L]         img: the caption's phrases
+                                             (`vocab.phrases.chunk`), each its
+                                             tokens, 0 = pad; det/grd: all 0
+   ``phrase_counts``    int32 [P]            img: objects each phrase names
+                                             ("two red circles": 2); 0 = pad
    ``neg_tokens``       int32 [K]            known-negative token ids, 0 = pad
    ``no_bg_tokens``     int32 [K]            tokens an *unmatched* prediction must
                                              not be pushed down on (LVIS not
@@ -114,6 +119,9 @@ class Spec:
     max_caption_tokens: C, tokens per caption.
     max_neg_tokens: K, known negative tokens per example.
     num_candidates: Q, candidate tokens per example.
+    max_phrases: P, caption phrases per img example (extra ones dropped,
+      counted).
+    max_phrase_tokens: L, tokens per caption phrase.
   """
   image_size: int = 128
   max_boxes: int = 16
@@ -121,6 +129,8 @@ class Spec:
   max_caption_tokens: int = 16
   max_neg_tokens: int = 32
   num_candidates: int = 64
+  max_phrases: int = 8
+  max_phrase_tokens: int = 4
 
 
 def example_shapes(spec: Spec) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -137,6 +147,8 @@ def example_shapes(spec: Spec) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
       "box_tokens": ((m, spec.max_box_tokens), np.int32),
       "phrase_ids": ((m,), np.int32),
       "caption_tokens": ((spec.max_caption_tokens,), np.int32),
+      "phrase_tokens": ((spec.max_phrases, spec.max_phrase_tokens), np.int32),
+      "phrase_counts": ((spec.max_phrases,), np.int32),
       "neg_tokens": ((spec.max_neg_tokens,), np.int32),
       "no_bg_tokens": ((spec.max_neg_tokens,), np.int32),
   }

@@ -203,6 +203,12 @@ class Config:
       ruled out for it.
     redundant_attribute_prob: chance that a referring phrase gets one true
       attribute word beyond the fewest that make it unique.
+    caption_drop_fraction: img captions leave out each object with this
+      probability (at least one object stays named), as real captions
+      mention only some objects; the listed phrases are in random order
+      either way. 0 (default): every object is listed, and the files are
+      byte-identical to those of before the option existed (same
+      fingerprint, see `_fingerprint`).
   """
   num_images: int = 1000
   num_val_images: int = 200
@@ -220,6 +226,7 @@ class Config:
   min_visible: float = 0.6
   position_margin: float = 0.04
   redundant_attribute_prob: float = 0.2
+  caption_drop_fraction: float = 0.0
 
   def __post_init__(self):
     # Lists from callers become tuples so the config hashes and pickles.
@@ -273,6 +280,9 @@ class Config:
                        "[0, 1/6).")
     if not 0.0 <= self.redundant_attribute_prob <= 1.0:
       raise ValueError("redundant_attribute_prob must be in [0, 1].")
+    if not 0.0 <= self.caption_drop_fraction < 1.0:
+      raise ValueError(f"caption_drop_fraction={self.caption_drop_fraction} "
+                       "must be in [0, 1).")
     if not any(c.split == "base" for c in categories(self)):
       raise ValueError("Every category holds a novel token, so det train "
                        "would be empty. Fix: fewer novel tokens.")
@@ -364,9 +374,24 @@ def params_fingerprint(**kwargs) -> str:
   return _fingerprint(make_config(**kwargs))
 
 
+# Parameters added after datasets were cached: at their default value they
+# are left out of the fingerprint, so existing caches keep their keys (their
+# defaults generate the files of before the parameter existed).
+_LATER_PARAMS = {"caption_drop_fraction": 0.0}
+
+
+def _params(config: Config) -> dict[str, Any]:
+  """The parameters that name a dataset (fingerprint and meta file)."""
+  params = dataclasses.asdict(config)
+  for name, default in _LATER_PARAMS.items():
+    if params[name] == default:
+      del params[name]
+  return params
+
+
 def _fingerprint(config: Config) -> str:
   blob = json.dumps({"version": GENERATOR_VERSION,
-                     "params": dataclasses.asdict(config)}, sort_keys=True)
+                     "params": _params(config)}, sort_keys=True)
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -797,8 +822,20 @@ def _plural(shape: str) -> str:
 
 
 def _object_caption(objs: Sequence[SceneObject],
-                    rng: np.random.Generator) -> str:
-  """Lists every object: "two red circles and a large blue star"."""
+                    rng: np.random.Generator,
+                    drop_fraction: float = 0.0) -> str:
+  """Lists every object: "two red circles and a large blue star".
+
+  With `drop_fraction` > 0 each object is left out with that probability
+  (one random object stays when all would go); counts follow the objects
+  still named. At 0 no extra random draw is made (same captions as before
+  the option).
+  """
+  if drop_fraction > 0 and objs:
+    keep = rng.random(len(objs)) >= drop_fraction
+    if not keep.any():
+      keep[rng.integers(len(objs))] = True
+    objs = [o for o, k in zip(objs, keep) if k]
   groups: dict[int, list[SceneObject]] = {}
   for o in objs:
     groups.setdefault(o.category_id, []).append(o)
@@ -874,7 +911,7 @@ def render_scene(config: Config, split: str, index: int) -> Scene:
         continue
       caption, phrases = grounded
     elif stream == "img":
-      caption = _object_caption(objs, rng)
+      caption = _object_caption(objs, rng, config.caption_drop_fraction)
     return Scene(split, index, image_id(split, index),
                  f"{split}/{index:06d}.{config.image_format}", pixels,
                  tuple(objs), caption, phrases)
@@ -1117,7 +1154,7 @@ def generate(out_dir: str, *, num_workers: int | None = None,
       "generator": "omnitrain_jax.data.shapes_world",
       "version": GENERATOR_VERSION,
       "fingerprint": fingerprint,
-      "params": dataclasses.asdict(config),
+      "params": _params(config),
       "image_root": "images",
       "files": {s: f"{s}.json" for s in SPLITS} | {"splits": "splits.json"},
       "summary": summary,

@@ -385,3 +385,43 @@ def test_cli_then_ensure_generated(tmp_path):
   with Image.open(os.path.join(info["image_root"], name)) as img:
     assert img.format == "PNG"
   assert json.loads(det_bytes)["annotations"] == png_det["annotations"]
+
+
+def _said(caption):
+  """Counter of (color, shape) a ShapesWorld caption names."""
+  counts = {w: i for i, w in enumerate(sw._COUNT_WORDS)}
+  counts.update(a=1, an=1)
+  plural = {sw._plural(s): s for s in sw.SHAPES}
+  item = re.compile(r"(\w+) (?:(small|medium|large) )?(\w+) (\w+)")
+  said = collections.Counter()
+  for part in re.split(r", | and ", caption):
+    m = item.fullmatch(part)
+    assert m, (caption, part)
+    count, _, color, shape = m.groups()
+    said[(color, plural.get(shape, shape))] += counts[count]
+  return said
+
+
+def test_caption_drop_fraction_names_a_subset_and_defaults_to_old_files():
+  # The default leaves fingerprint and captions as before the option: the
+  # demo's cached dataset (this fingerprint) stays valid.
+  assert sw.params_fingerprint(num_images=2000, num_val_images=200,
+                               image_size=128, seed=0) == "aba7739f0e66d7c2"
+  assert (sw.params_fingerprint(**PARAMS) ==
+          sw.params_fingerprint(**PARAMS, caption_drop_fraction=0.0))
+  assert (sw.params_fingerprint(**PARAMS) !=
+          sw.params_fingerprint(**PARAMS, caption_drop_fraction=0.5))
+  full = sw.make_config(**PARAMS)
+  part = sw.make_config(**PARAMS, caption_drop_fraction=0.5)
+  dropped = 0
+  for i in range(PARAMS["num_images"]):
+    a, b = (sw.render_scene(c, "img_train", i) for c in (full, part))
+    assert (a.image == b.image).all() and a.objects == b.objects
+    drawn = collections.Counter((o.color, o.shape) for o in a.objects)
+    said = _said(b.caption)
+    assert said and not said - drawn, (b.caption, drawn)  # A sub-multiset.
+    dropped += sum((drawn - said).values())
+    assert _said(a.caption) == drawn
+  assert dropped > 0
+  with pytest.raises(ValueError, match="caption_drop_fraction"):
+    sw.make_config(caption_drop_fraction=1.0)

@@ -56,6 +56,7 @@ import numpy as np
 from omnitrain_jax.data import errors
 from omnitrain_jax.data import images
 from omnitrain_jax.data import schema
+from omnitrain_jax.vocab import phrases as phrases_lib
 from omnitrain_jax.vocab import text as text_lib
 
 META = "_meta"
@@ -66,6 +67,8 @@ META = "_meta"
 #   boxes        float32 [n, 4]    x0, y0, x1, y1 in current pixels
 #   box_tokens   list of int32 [t_i]  one array per box
 #   caption_tokens, neg_tokens, no_bg_tokens  int32 [*]
+#   phrase_tokens list of int32 [l_i]  img: one array per caption phrase
+#   phrase_counts int32 [p]            img: objects each phrase names
 
 
 class TextEncoder(Protocol):
@@ -284,6 +287,12 @@ class Tokenize(_ExampleMap):
     overlap the spans are taken instead. Without spans (RefCOCOg pickles) the
     box's own ``box_texts`` is tokenized.
   * img (and grd): ``caption_tokens`` = the caption's unique tokens.
+  * img: ``phrase_tokens`` / ``phrase_counts``: the caption's phrases
+    (`vocab.phrases.chunk`: "two red circles, a blue star" -> ("two red
+    circles", 2), ("a blue star", 1)), each with the unique tokens whose
+    spans lie inside the phrase; phrases without a token are dropped
+    (counted as ``phrases_without_tokens``). det and grd examples have none
+    (their boxes carry the tokens).
 
   Boxes left without any token cannot be classified and are dropped (counted
   as ``boxes_without_tokens``).
@@ -332,9 +341,27 @@ class Tokenize(_ExampleMap):
     return _unique(np.concatenate([self._name_ids(t) for t in names]))
 
   def _caption_ids(self, ex: dict) -> np.ndarray:
-    encoded = self.encoder.encode(ex.get("caption") or "")
+    return self._caption_ids_and_phrases(ex, phrases=False)[0]
+
+  def _caption_ids_and_phrases(
+      self, ex: dict, phrases: bool = True
+  ) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+    """The caption's unique tokens, and its phrases' tokens and counts."""
+    caption = ex.get("caption") or ""
+    encoded = self.encoder.encode(caption)
     _count(ex, "unknown_caption_words", len(getattr(encoded, "unknown", ())))
-    return _unique(ids_and_spans(encoded)[0])
+    ids, spans = ids_and_spans(encoded)
+    phrase_tokens, counts = [], []
+    if phrases:
+      for ph in phrases_lib.chunk(caption):
+        inside = (spans[:, 0] >= ph.start) & (spans[:, 1] <= ph.end)
+        tokens = _unique(ids[inside])
+        if tokens.size:
+          phrase_tokens.append(tokens)
+          counts.append(ph.count)
+        else:
+          _count(ex, "phrases_without_tokens", 1)
+    return _unique(ids), phrase_tokens, np.asarray(counts, np.int32)
 
   def _grounding_box_tokens(self, ex: dict) -> list[np.ndarray]:
     caption = ex.get("caption") or ""
@@ -391,12 +418,15 @@ class Tokenize(_ExampleMap):
             "give each box its category name")
       box_tokens = [self._name_ids(t) for t in texts]
       caption_tokens = _empty_ids()
+      phrase_tokens, phrase_counts = [], _empty_ids()
     elif stream == "grd":
       box_tokens = self._grounding_box_tokens(ex)
       caption_tokens = self._caption_ids(out)
+      phrase_tokens, phrase_counts = [], _empty_ids()
     elif stream == "img":
       box_tokens = [_empty_ids() for _ in range(n)]
-      caption_tokens = self._caption_ids(out)
+      caption_tokens, phrase_tokens, phrase_counts = (
+          self._caption_ids_and_phrases(out))
     else:
       raise ValueError(f"Unknown stream {stream!r}; expected one of "
                        f"{schema.STREAMS}.")
@@ -416,6 +446,8 @@ class Tokenize(_ExampleMap):
     out["box_tokens"] = box_tokens
     out["phrase_ids"] = phrase_ids
     out["caption_tokens"] = caption_tokens
+    out["phrase_tokens"] = phrase_tokens
+    out["phrase_counts"] = phrase_counts
     out["neg_tokens"] = neg
     out["no_bg_tokens"] = self._names_ids(ex.get("not_exhaustive_texts") or [])
     return out
@@ -526,6 +558,8 @@ class RandomCropFlip(_ExampleRandomMap):
       boxes = np.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0],
                         boxes[:, 3]], axis=1).astype(np.float32)
       out["box_tokens"] = [self._mirror(t) for t in ex["box_tokens"]]
+      if "phrase_tokens" in ex:
+        out["phrase_tokens"] = [self._mirror(t) for t in ex["phrase_tokens"]]
       for key in ("caption_tokens", "neg_tokens", "no_bg_tokens"):
         out[key] = self._mirror(ex[key])
     out["image"], out["boxes"] = image, boxes
@@ -603,9 +637,11 @@ def _pad_ids(ids: np.ndarray, size: int) -> tuple[np.ndarray, int]:
 class PadToSpec(_ExampleMap):
   """Pads/truncates a working example to the static shapes of `schema.Spec`.
 
-  Keeps the first M boxes (readers' order) and the first T/C/K tokens; what is
-  cut is counted (``boxes_truncated``, ``box_tokens_truncated``,
-  ``caption_tokens_truncated``, ``neg_tokens_truncated``) so that a Spec too
+  Keeps the first M boxes (readers' order), the first P phrases and the first
+  T/C/K/L tokens; what is cut is counted (``boxes_truncated``,
+  ``box_tokens_truncated``, ``caption_tokens_truncated``,
+  ``neg_tokens_truncated``, ``phrases_truncated``,
+  ``phrase_tokens_truncated``) so that a Spec too
   small for the data shows up in the logs instead of silently weakening the
   labels. The output has exactly the keys of `schema.example_shapes` (plus
   ``_meta``, removed by the pipeline before batching).
@@ -645,6 +681,17 @@ class PadToSpec(_ExampleMap):
         out["box_tokens"][i], c = _pad_ids(ex["box_tokens"][i], t)
         cut += c
       _count(out, "box_tokens_truncated", cut)
+    phrases = list(ex.get("phrase_tokens") or [])
+    counts = np.asarray(ex.get("phrase_counts", _empty_ids()), np.int32)
+    p = min(len(phrases), spec.max_phrases)
+    _count(out, "phrases_truncated", len(phrases) - p)
+    cut = 0
+    for i in range(p):
+      out["phrase_tokens"][i], c = _pad_ids(phrases[i],
+                                            spec.max_phrase_tokens)
+      out["phrase_counts"][i] = max(1, int(counts[i]))
+      cut += c
+    _count(out, "phrase_tokens_truncated", cut)
     for key, size, counter in (
         ("caption_tokens", spec.max_caption_tokens, "caption_tokens_truncated"),
         ("neg_tokens", spec.max_neg_tokens, "neg_tokens_truncated"),

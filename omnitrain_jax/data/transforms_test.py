@@ -276,3 +276,58 @@ def test_transforms_pickle_for_worker_processes():
   b = transforms.apply_chain(c2, det_record(), rng)
   for k in a:
     np.testing.assert_array_equal(a[k], b[k])
+
+
+def img_record(**kw):
+  rec = {
+      "stream": "img", "source": "toy_img", "image_id": 11,
+      "image_path": "z.jpg", "image_bytes": None, "width": 100,
+      "height": 100, "boxes": np.zeros((0, 4), np.float32), "box_texts": [],
+      "category_ids": np.zeros((0,), np.int32),
+      "phrase_ids": np.zeros((0,), np.int32),
+      # The toy encoder does not fold plurals: "circle" after "two".
+      "caption": "two red circle, a large green star on the left and a dog",
+      "neg_texts": [], "not_exhaustive_texts": [],
+  }
+  rec.update(kw)
+  return rec
+
+
+def test_img_examples_carry_their_caption_phrases_with_counts():
+  spec = schema.Spec(image_size=32)
+  rec = img_record()
+  rec["_meta"] = transforms.new_meta("toy_img", "img", 0, 0)
+  ex = transforms.apply_chain(chain(spec), rec)
+  assert ex["phrase_tokens"].shape == (spec.max_phrases,
+                                       spec.max_phrase_tokens)
+  got = [(toks(row), int(c)) for row, c in
+         zip(ex["phrase_tokens"], ex["phrase_counts"]) if c > 0]
+  assert got == [(["red", "circle"], 2), (["large", "green", "star"], 1),
+                 (["left"], 1), (["dog"], 1)]
+  assert not np.any(ex["phrase_tokens"][4:]) and not np.any(
+      ex["phrase_counts"][4:])
+  # A phrase without a vocabulary token is dropped and counted.
+  rec = img_record(caption="a red circle and a unicorn")
+  rec["_meta"] = transforms.new_meta("toy_img", "img", 0, 0)
+  ex = transforms.apply_chain(chain(spec), rec)
+  assert ex["_meta"]["counts"]["phrases_without_tokens"] == 1
+  assert list(ex["phrase_counts"][:2]) == [1, 0]
+  # det and grd examples have no phrases; a flip mirrors phrase tokens.
+  for record in (det_record(), grd_record()):
+    ex = transforms.apply_chain(chain(spec), record)
+    assert not np.any(ex["phrase_tokens"]) and not np.any(ex["phrase_counts"])
+  flip = transforms.AugmentConfig(crop_prob=0.0, flip_prob=1.0)
+  ex = transforms.apply_chain(chain(spec, flip), img_record())
+  assert toks(ex["phrase_tokens"][2]) == ["right"]
+
+
+def test_phrase_padding_truncates_and_counts():
+  spec = schema.Spec(image_size=32, max_phrases=2, max_phrase_tokens=2)
+  rec = img_record()
+  rec["_meta"] = transforms.new_meta("toy_img", "img", 0, 0)
+  ex = transforms.apply_chain(chain(spec), rec)
+  counts = ex["_meta"]["counts"]
+  assert counts["phrases_truncated"] == 2
+  assert counts["phrase_tokens_truncated"] == 1  # "large green star".
+  assert toks(ex["phrase_tokens"][1]) == ["large", "green"]
+  assert list(ex["phrase_counts"]) == [2, 1]

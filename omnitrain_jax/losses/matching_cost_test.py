@@ -130,3 +130,32 @@ def test_compute_cost_is_not_differentiated():
 
   grads = jax.grad(total, argnums=(0, 1))(x["pred_logits"], x["pred_boxes"])
   assert all(np.all(g == 0) for g in grads)
+
+
+def test_phrase_instances_lay_out_counts_phrase_by_phrase():
+  ok = jnp.array([[True, False, True, True], [False] * 4])
+  counts = jnp.array([[2, 5, 1, 3], [1, 1, 0, 0]])
+  index, num = matching_cost.phrase_instances(ok, counts, 5)
+  np.testing.assert_array_equal(num, [5, 0])  # 2 + 1 + 3 capped at 5.
+  np.testing.assert_array_equal(index[0], [0, 0, 2, 3, 3])
+  assert np.all((np.asarray(index) >= 0) & (np.asarray(index) < 4))
+
+
+def test_phrase_cost_by_hand():
+  logits = np.array([[[2.0, -1.0, 0.5], [-3.0, 1.0, 3.0]]], np.float32)
+  p = 1 / (1 + np.exp(-logits))  # [1, N=2, Q=3]
+  trusted = np.array([[[1, 1, 0]]], bool)  # [1, K=1, Q]: tokens 0 and 1.
+  conflict = np.array([[[0, 0, 1]]], bool)  # token 2.
+  want_prob = np.sqrt(p[0, :, 0] * p[0, :, 1])
+  for form, want in (("sum", -want_prob + 0.5 * p[0, :, 2]),
+                     ("product", -want_prob * (1 - p[0, :, 2])**0.5)):
+    cost, prob = matching_cost.phrase_cost(
+        jnp.asarray(logits), jnp.asarray(trusted), jnp.asarray(conflict),
+        conflict_weight=0.5, form=form)
+    np.testing.assert_allclose(prob[0, :, 0], want_prob, rtol=1e-5)
+    np.testing.assert_allclose(cost[0, :, 0], want, rtol=1e-5, err_msg=form)
+  # Not differentiated.
+  g = jax.grad(lambda x: matching_cost.phrase_cost(
+      x, jnp.asarray(trusted), jnp.asarray(conflict),
+      conflict_weight=0.5)[0].sum())(jnp.asarray(logits))
+  assert not np.any(g)

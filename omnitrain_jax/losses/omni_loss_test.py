@@ -507,3 +507,196 @@ def test_shape_mismatch_raises():
   out["pred_logits"] = out["pred_logits"][:, :, :5]
   with pytest.raises(ValueError, match="candidates"):
     omni_loss_lib.omni_loss(out, batch, CFG)
+
+
+# ---- img phrase matching (LossConfig.img_phrase_weight > 0). ----
+
+# Only the phrase term reaches img predictions (image and region terms off),
+# so an img logit's gradient shows exactly which patch was matched.
+PHRASE = omni_loss_lib.LossConfig(img_phrase_weight=1.0, img_image_weight=0.0,
+                                  img_region_weight=0.0,
+                                  img_phrase_min_trusted_prob=0.3,
+                                  img_phrase_warmup_steps=100)
+NO_PHRASE = dataclasses.replace(PHRASE, img_phrase_weight=0.0)
+
+_value_and_grad_at = jax.jit(
+    jax.value_and_grad(
+        lambda o, b, config, step: omni_loss_lib.omni_loss(o, b, config, step),
+        has_aux=True),
+    static_argnames="config")
+
+
+def run_at(outputs, batch, config, step=1000):
+  (loss, metrics), grads = _value_and_grad_at(outputs, batch, config=config,
+                                              step=jnp.int32(step))
+  return loss, metrics, grads
+
+
+def with_phrases(ex, phrases):
+  """Sets an example's phrase fields from [(token ids, count), ...]."""
+  ex = dict(ex)
+  ex["phrase_tokens"] = np.zeros_like(ex["phrase_tokens"])
+  ex["phrase_counts"] = np.zeros_like(ex["phrase_counts"])
+  for i, (toks, count) in enumerate(phrases):
+    ex["phrase_tokens"][i, :len(toks)] = toks
+    ex["phrase_counts"][i] = count
+  return ex
+
+
+def phrase_batch(phrases=(([RED, STAR], 1), ([RED, CIRCLE], 1))):
+  """det boxes RED CIRCLE and DOG (trusted: RED, CIRCLE, DOG); an img caption
+  "a red star and a red circle" whose STAR no box ever carried."""
+  det = make_example("det", boxes=[[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.2]],
+                     box_tokens=[[RED, CIRCLE], [DOG]],
+                     candidates=[RED, CIRCLE, DOG, STAR, BLUE],
+                     known=[RED, CIRCLE, DOG], bg=[RED, CIRCLE, DOG])
+  img = with_phrases(
+      make_example("img", caption=[RED, STAR, CIRCLE],
+                   candidates=[RED, STAR, CIRCLE, DOG, BLUE]), phrases)
+  return make_batch(det, img)
+
+
+def scene_outputs(batch):
+  """img patches: 0 background with a huge STAR logit (an untrained token
+  that must not steer its match), 1 a red circle, 2 a red star (RED high,
+  no known shape), 3 a blue circle; 4, 5 background."""
+  out = random_outputs(batch, seed=11, scale=0.1)
+  lo, hi = -4.0, 3.0
+  cand = list(batch["candidates"][1])
+  col = {t: cand.index(t) for t in (RED, STAR, CIRCLE, DOG, BLUE)}
+  logits = out["pred_logits"]
+  logits[1, :, [col[t] for t in col]] = lo
+  logits[1, 0, col[STAR]] = 8.0
+  logits[1, 1, [col[RED], col[CIRCLE]]] = hi
+  logits[1, 1, col[RED]] = hi + 0.5  # The reddest patch is the circle.
+  logits[1, 2, col[RED]] = hi
+  logits[1, 3, [col[BLUE], col[CIRCLE]]] = hi
+  return out, col
+
+
+@pytest.mark.parametrize("form", ["sum", "product"])
+def test_phrase_matching_picks_the_unexplained_object(form):
+  config = dataclasses.replace(PHRASE, img_phrase_cost=form)
+  batch = phrase_batch()
+  out, col = scene_outputs(batch)
+  _, m, grads = run_at(out, batch, config)
+  assert m["img/phrase_instances"] == 2 and m["img/phrase_matches"] == 2
+  g = np.asarray(grads["pred_logits"][1])  # [N, Q]
+  # "a red star" -> patch 2 (not 0, whose STAR is untrusted; not 1, which
+  # CIRCLE explains): STAR pushed up there only.
+  assert g[2, col[STAR]] < 0
+  assert np.all(g[[0, 3, 4, 5], col[STAR]] == 0)
+  # "a red circle" -> patch 1: CIRCLE up on 1, down on 2 (the caption's
+  # other token at the star); STAR down on 1. Nothing on 0, 3, 4, 5.
+  assert g[1, col[CIRCLE]] < 0 and g[2, col[CIRCLE]] > 0
+  assert g[1, col[STAR]] > 0
+  assert np.all(g[[0, 3, 4, 5]] == 0)
+  # Negatives are the caption's tokens only (DOG, BLUE: not in the caption).
+  assert np.all(g[:, [col[DOG], col[BLUE]]] == 0)
+  # The term by hand: focal loss of the two matched patches / 2 matches.
+  cand_valid = batch["candidates"][1] > 0
+  def focal(x, t):
+    p = 1 / (1 + np.exp(-x))
+    ce = t * np.logaddexp(0, -x) + (1 - t) * np.logaddexp(0, x)
+    pt = t * p + (1 - t) * (1 - p)
+    return (t * 0.25 + (1 - t) * 0.75) * (1 - pt)**2 * ce
+  lg = np.where(cand_valid, out["pred_logits"][1], 0.0)
+  want = (focal(lg[2, col[RED]], 1) + focal(lg[2, col[STAR]], 1) +
+          focal(lg[2, col[CIRCLE]], 0) + focal(lg[1, col[RED]], 1) +
+          focal(lg[1, col[CIRCLE]], 1) + focal(lg[1, col[STAR]], 0)) / 2
+  np.testing.assert_allclose(m["img/phrase"], want, rtol=1e-5)
+  # "a red star" alone: the reddest patch is the red circle, but CIRCLE (a
+  # det token outside the phrase) explains it; the star patch wins.
+  _, m, grads = run_at(out, phrase_batch((([RED, STAR], 1),)), config)
+  g = np.asarray(grads["pred_logits"][1])
+  assert m["img/phrase_matches"] == 1
+  assert g[2, col[STAR]] < 0 and np.all(np.delete(g, 2, axis=0) == 0)
+
+
+def test_phrase_matching_gates_warmup_untrusted_and_low_probability():
+  batch = phrase_batch()
+  out, col = scene_outputs(batch)
+  _, m, g = run_at(out, batch, PHRASE, step=99)  # Before the warm-up.
+  assert m["img/phrase_instances"] == 0 and m["img/phrase"] == 0
+  assert np.all(np.asarray(g["pred_logits"][1]) == 0)
+  # A phrase without a trusted token ("a star") gets no instance; a count
+  # lays a phrase out that many times.
+  _, m, _ = run_at(out, phrase_batch((([STAR], 1), ([RED, CIRCLE], 2))),
+                   PHRASE)
+  assert m["img/phrase_instances"] == 2
+  # Matches whose trusted tokens are improbable are dropped: the second red
+  # circle can only go to a patch where RED or CIRCLE is low.
+  assert m["img/phrase_matches"] == 1
+  # The red star loses its RED: only the red circle stays matched.
+  out["pred_logits"][1, 2, col[RED]] = -4.0
+  _, m, g = run_at(out, batch, PHRASE)
+  assert m["img/phrase_matches"] == 1
+  g = np.asarray(g["pred_logits"][1])
+  assert g[1, col[CIRCLE]] < 0 and np.all(g[:, col[STAR]] >= 0)
+
+
+def test_phrase_matching_is_permutation_invariant():
+  batch = phrase_batch(((([RED, STAR], 1), ([RED, CIRCLE], 2),
+                         ([BLUE, CIRCLE], 1))))
+  out = random_outputs(batch, seed=12, scale=0.5)  # Close costs.
+  _, m1, _ = run_at(out, batch, PHRASE)
+  assert m1["img/phrase_matches"] > 0
+  perm = np.random.default_rng(1).permutation(N)
+  permuted = {k: v[:, perm] if v.ndim == 3 else v for k, v in out.items()}
+  order = [2, 0, 1]
+  shuffled = dict(batch)
+  for key in ("phrase_tokens", "phrase_counts"):
+    shuffled[key] = batch[key].copy()
+    shuffled[key][1, :3] = batch[key][1, order]
+  _, m2, _ = run_at(permuted, shuffled, PHRASE)
+  for k in m1:
+    np.testing.assert_allclose(m1[k], m2[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_phrase_matching_leaves_det_and_grd_unchanged():
+  batch = make_batch(det_example(), grd_example(),
+                     with_phrases(img_example(), [([RED, STAR], 1)]))
+  out = random_outputs(batch, seed=13)
+  _, m_on, g_on = run_at(out, batch, PHRASE)
+  _, m_off, g_off = run_at(out, batch, NO_PHRASE)
+  assert m_on["img/phrase_instances"] == 1  # RED is a det box token here.
+  for k in m_off:
+    if k == "loss":
+      continue
+    np.testing.assert_allclose(m_on[k], m_off[k], rtol=1e-6, err_msg=k)
+  for key in g_on:  # det and grd examples' gradients are the same.
+    np.testing.assert_array_equal(np.asarray(g_on[key])[:2],
+                                  np.asarray(g_off[key])[:2])
+  # Phrases on det/grd examples (the pipeline leaves them empty) are ignored.
+  odd = dict(batch)
+  odd["phrase_tokens"] = np.broadcast_to(batch["phrase_tokens"][2],
+                                         batch["phrase_tokens"].shape).copy()
+  odd["phrase_counts"] = np.broadcast_to(batch["phrase_counts"][2],
+                                         batch["phrase_counts"].shape).copy()
+  _, m_odd, _ = run_at(out, odd, PHRASE)
+  for k in m_on:
+    np.testing.assert_allclose(m_odd[k], m_on[k], rtol=1e-6, err_msg=k)
+
+
+def test_phrase_matching_finite_with_empty_captions_and_no_phrases():
+  empty = make_batch(make_example("det"), make_example("img"),
+                     make_example("img", caption=[DOG], candidates=[DOG]))
+  for batch in (empty, phrase_batch(()), phrase_batch((([STAR], 3),))):
+    out = random_outputs(batch, seed=14)
+    loss, m, grads = run_at(out, batch, PHRASE)
+    assert np.isfinite(loss)
+    assert m["img/phrase"] == 0 and m["img/phrase_matches"] == 0
+    assert all(np.isfinite(v) for v in m.values())
+    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+  # Default config: no phrase metrics, the loss as before the option.
+  _, m, _ = run(random_outputs(empty), empty, CFG)
+  assert not any(k.startswith("img/phrase") for k in m)
+
+
+def test_phrase_config_errors():
+  for bad in (dict(img_phrase_weight=-1.0),
+              dict(img_phrase_min_trusted_prob=1.5),
+              dict(img_phrase_max_instances=0),
+              dict(img_phrase_cost="mean")):
+    with pytest.raises(ValueError, match="img_phrase"):
+      omni_loss_lib.LossConfig(**bad)

@@ -186,3 +186,38 @@ def img_region_loss(logits: jnp.ndarray, cap_targets: jnp.ndarray,
   neg_loss = jnp.where(neg, jax.nn.softplus(pooled), 0.0).sum()
   return (pos_loss / jnp.maximum(pos.sum(), 1.0) +
           neg_weight * neg_loss / jnp.maximum(neg.sum(), 1.0))
+
+
+def img_phrase_loss(logits: jnp.ndarray, assign: jnp.ndarray,
+                    inst_targets: jnp.ndarray, cap_targets: jnp.ndarray,
+                    cand_valid: jnp.ndarray, *, focal_alpha: float,
+                    focal_gamma: float) -> jnp.ndarray:
+  """Sigmoid focal loss of the predictions matched to caption phrases (img).
+
+  A prediction matched to a phrase instance is positive on all the phrase's
+  tokens (the untrusted ones too: that is what teaches `hexagon`) and
+  negative on the caption's other tokens; unmatched predictions get nothing
+  (captions name no background and, on real data, not every object).
+
+  Args:
+    logits: float ``[B, N, Q]`` token logits (pad candidates zeroed).
+    assign: float ``[B, N, K]`` 0/1 matching of predictions to instances
+      (gated: dropped matches are 0).
+    inst_targets: bool ``[B, K, Q]``, the candidate tokens of each instance's
+      phrase.
+    cap_targets: bool ``[B, Q]``, the caption's candidate tokens.
+    cand_valid: bool ``[B, Q]``, the non-padding candidates.
+    focal_alpha: focal alpha.
+    focal_gamma: focal gamma.
+
+  Returns:
+    float ``[B]``, summed over predictions and candidates.
+  """
+  matched = _matched(assign)  # [B, N]
+  positive = jnp.einsum("bnk,bkq->bnq", assign,
+                        inst_targets.astype(jnp.float32)) > 0  # [B, N, Q]
+  weight = matched[..., None] & (positive | cap_targets[:, None, :])
+  weight &= cand_valid[:, None, :]
+  focal = token_ops.sigmoid_focal(logits, positive.astype(jnp.float32),
+                                  focal_alpha, focal_gamma)
+  return jnp.where(weight, focal, 0.0).sum((1, 2))

@@ -150,3 +150,29 @@ def test_img_region_loss_rejects_unknown_pool():
     terms.img_region_loss(jnp.zeros((B, N, Q)), np.zeros((B, Q), bool),
                           np.zeros(B, bool), np.ones((B, Q), bool),
                           pool="mean", temperature=1.0, neg_weight=1.0)
+
+
+def test_img_phrase_loss_by_hand():
+  logits = _logits(3)
+  assign = np.zeros((B, N, 2), np.float32)  # K = 2 instances.
+  assign[0, 1, 0] = assign[0, 3, 1] = 1
+  inst = np.zeros((B, 2, Q), bool)
+  inst[0, 0, [0, 1]] = True  # Instance 0: tokens 0, 1.
+  inst[0, 1, [2]] = True  # Instance 1: token 2.
+  cap = np.zeros((B, Q), bool)
+  cap[0, [0, 1, 2, 3]] = True  # Token 3: in the caption, in no instance.
+  cap[1, [0]] = True
+  valid = np.ones((B, Q), bool)
+  valid[0, 3] = False  # A pad candidate takes no part.
+  got = terms.img_phrase_loss(jnp.asarray(logits), jnp.asarray(assign),
+                              jnp.asarray(inst), jnp.asarray(cap),
+                              jnp.asarray(valid), focal_alpha=0.25,
+                              focal_gamma=2.0)
+
+  def focal(x, t):
+    return float(token_ops.sigmoid_focal(jnp.float32(x), jnp.float32(t),
+                                         0.25, 2.0))
+  want0 = (focal(logits[0, 1, 0], 1) + focal(logits[0, 1, 1], 1) +
+           focal(logits[0, 1, 2], 0) + focal(logits[0, 3, 2], 1) +
+           focal(logits[0, 3, 0], 0) + focal(logits[0, 3, 1], 0))
+  np.testing.assert_allclose(got, [want0, 0.0], rtol=1e-5)

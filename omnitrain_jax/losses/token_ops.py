@@ -116,3 +116,29 @@ def focal_cost(logits: jnp.ndarray, alpha: float,
   pos = alpha * (1 - p)**gamma * jax.nn.softplus(-logits)
   neg = (1 - alpha) * p**gamma * jax.nn.softplus(logits)
   return pos - neg
+
+
+def batch_token_set(tokens: jnp.ndarray, keep: jnp.ndarray,
+                    candidates: jnp.ndarray) -> jnp.ndarray:
+  """Which candidates occur anywhere in the batch's kept token sets.
+
+  ``out[b, q]``: ``candidates[b, q]`` equals a nonzero ``tokens[b', ..., t]``
+  of *any* example b' with ``keep[b', ...]``. Used for the tokens the batch
+  gives box supervision (`omni_loss`, img phrase matching). A sort and a
+  binary search (O((S + BQ) log S) for S token slots), not a [BQ, S]
+  comparison, so it stays cheap for large batches.
+
+  Args:
+    tokens: int ``[B, ..., T]`` token ids, 0 = pad (e.g. `box_tokens`).
+    keep: bool ``[B, ...]`` (the shape of `tokens` without T): which token
+      sets count (e.g. the real boxes of det examples).
+    candidates: int ``[B, Q]``, 0 = pad.
+
+  Returns:
+    bool ``[B, Q]`` (False for padding candidates).
+  """
+  ids = jnp.where(keep[..., None], tokens, 0).reshape(-1)
+  ids = jnp.sort(ids)  # [S]
+  pos = jnp.searchsorted(ids, candidates)  # [B, Q]
+  hit = jnp.take(ids, jnp.minimum(pos, ids.shape[0] - 1)) == candidates
+  return hit & (candidates > 0)

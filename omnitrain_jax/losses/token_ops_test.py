@@ -66,3 +66,23 @@ def test_focal_cost_is_positive_minus_negative_focal_loss():
   # Cheaper to call a confident token positive than an unconfident one.
   cost = np.asarray(token_ops.focal_cost(x, a, g))
   assert np.all(np.diff(cost) < 0)
+
+
+def test_batch_token_set_against_numpy():
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, 12, (3, 4, 2))  # [B, M, T], 0 = pad
+  keep = rng.random((3, 4)) < 0.5
+  cands = rng.integers(0, 12, (3, 6))
+  cands[:, -1] = 0  # Padding candidates are never in the set.
+  want = np.zeros((3, 6), bool)
+  kept = set(tokens[keep].ravel().tolist()) - {0}
+  for b in range(3):
+    for q in range(6):
+      want[b, q] = cands[b, q] in kept
+  got = token_ops.batch_token_set(jnp.asarray(tokens), jnp.asarray(keep),
+                                  jnp.asarray(cands))
+  np.testing.assert_array_equal(got, want)
+  # Nothing kept: nothing (not even pad 0) is in the set.
+  none = token_ops.batch_token_set(jnp.asarray(tokens),
+                                   jnp.zeros((3, 4), bool), jnp.asarray(cands))
+  assert not np.any(none)
