@@ -84,7 +84,8 @@ def _dense_top_k(encoded, embed_all, k):
   return jax.lax.top_k(logits, k)
 
 
-def _case(args, vocab_size: int, images: np.ndarray) -> dict[str, Any]:
+def _model_and_params(args, vocab_size: int):
+  """The demo model at `args.dims` with V = `vocab_size`, and fresh params."""
   dims = dict(zip(("width", "depth", "num_heads", "mlp_dim"),
                   (int(x) for x in args.dims.split(","))))
   config = common.demo_config(image_size=args.image_size, batch=args.batch,
@@ -94,6 +95,11 @@ def _case(args, vocab_size: int, images: np.ndarray) -> dict[str, Any]:
       preparation.spec_from_config(config.data))
   params = jax.jit(lambda rng: nn.unbox(train_step_lib.init_variables(
       rng, model=model, dummy_batch=dummy))["params"])(jax.random.key(0))
+  return model, params
+
+
+def _case(args, vocab_size: int, images: np.ndarray) -> dict[str, Any]:
+  model, params = _model_and_params(args, vocab_size)
 
   def embed_fn(params):
     return lambda ids: model.apply({"params": params}, ids,
@@ -173,15 +179,7 @@ def _det_cases(args, images: np.ndarray) -> list[dict[str, Any]]:
   if not sizes:
     return []
   vocab_size = 2 + max(sizes) + 200 + 1000  # Heads, modifiers, alternatives.
-  dims = dict(zip(("width", "depth", "num_heads", "mlp_dim"),
-                  (int(x) for x in args.dims.split(","))))
-  config = common.demo_config(image_size=args.image_size, batch=args.batch,
-                              dims=dims)
-  model = model_setup.build_model(config, vocab_size)
-  dummy = model_setup.dummy_batch(
-      preparation.spec_from_config(config.data))
-  params = jax.jit(lambda rng: nn.unbox(train_step_lib.init_variables(
-      rng, model=model, dummy_batch=dummy))["params"])(jax.random.key(0))
+  model, params = _model_and_params(args, vocab_size)
   n = model.num_patches
 
   def make(detect):

@@ -48,6 +48,13 @@ def _matched(assign):
   return assign.sum(-1) > 0
 
 
+def _matched_positives(assign, targets):
+  """bool ``[B, N, Q]``: the tokens of the target each prediction is matched
+  to (``assign`` ``[B, N, M]``, ``targets`` bool ``[B, M, Q]``)."""
+  return jnp.einsum("bnm,bmq->bnq", assign,
+                    targets.astype(jnp.float32)) > 0
+
+
 def box_losses(pred_boxes: jnp.ndarray, assign: jnp.ndarray,
                tgt_boxes: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
   """L1 (cxcywh) and 1 - GIoU of the matched pairs (det and grd).
@@ -95,8 +102,7 @@ def det_token_loss(logits: jnp.ndarray, assign: jnp.ndarray,
     float ``[B]``, summed over predictions and candidates.
   """
   matched = _matched(assign)  # [B, N]
-  positive = jnp.einsum("bnm,bmq->bnq", assign,
-                        box_targets.astype(jnp.float32)) > 0  # [B, N, Q]
+  positive = _matched_positives(assign, box_targets)  # [B, N, Q]
   weight = jnp.where(matched[..., None],
                      positive | cand_known.astype(bool)[:, None],
                      cand_bg.astype(bool)[:, None])
@@ -214,8 +220,7 @@ def img_phrase_loss(logits: jnp.ndarray, assign: jnp.ndarray,
     float ``[B]``, summed over predictions and candidates.
   """
   matched = _matched(assign)  # [B, N]
-  positive = jnp.einsum("bnk,bkq->bnq", assign,
-                        inst_targets.astype(jnp.float32)) > 0  # [B, N, Q]
+  positive = _matched_positives(assign, inst_targets)  # [B, N, Q]
   weight = matched[..., None] & (positive | cap_targets[:, None, :])
   weight &= cand_valid[:, None, :]
   focal = token_ops.sigmoid_focal(logits, positive.astype(jnp.float32),
