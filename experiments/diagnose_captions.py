@@ -83,9 +83,16 @@ Sections of the JSON:
   gradients are of the weighted terms (``weights``), before clipping
   (``grad_clip_norm``) and Adam.
 
-The "phrase matched patch" pointing test of issue 12 needs a phrase matcher
-that the loss does not have yet; the argmax-patch test here is its
-baseline.
+``pointing.phrase_matching`` -- the phrase-matched patch pointing test:
+  each caption phrase, repeated by its count, matched to the patches with
+  the loss's phrase matcher and the run's ``img_phrase_*`` settings (used
+  here whether or not the run trained with it); does the matched patch's box
+  land on an object with the phrase's colour and shape (`phrases_and_boxes`).
+
+``pointing.boxes`` -- box recall per colour and shape token on the same
+  images: the best IoU of any predicted box with each object carrying the
+  token, and the share of those objects with one of IoU >= 0.5 (no
+  classification can detect an object that no box covers).
 """
 
 from __future__ import annotations
@@ -111,6 +118,7 @@ import jax.numpy as jnp
 
 from omnitrain_jax import checkpointing
 from omnitrain_jax import config_lib
+from omnitrain_jax import matching
 from omnitrain_jax import model_setup
 from omnitrain_jax import runtime
 from omnitrain_jax.data import candidates as candidates_lib
@@ -120,6 +128,8 @@ from omnitrain_jax.data import schema
 from omnitrain_jax.data import shapes_world
 from omnitrain_jax.evaluation import context as context_lib
 from omnitrain_jax.losses import box_ops
+from omnitrain_jax.losses import matching_cost
+from omnitrain_jax.losses import token_ops
 from omnitrain_jax.losses import omni_loss as omni_loss_lib
 from omnitrain_jax.models import omnidet
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -367,6 +377,152 @@ def pointing_test(run: Run, tokens: Mapping[str, list[str]], *,
                     for g in GROUPS},
       "images": images,
   }
+
+
+# --------------------------------------------- phrase matching and boxes
+
+
+def _phrase_group(words: set[str], tokens: Mapping[str, list[str]]) -> str:
+  """The group of a phrase: its caption-only token(s), else grd, else base."""
+  novel = sorted(words & set(tokens["caption_only"]))
+  if novel:
+    return "+".join(novel)
+  return "grounding_only" if words & set(tokens["grounding_only"]) else "base"
+
+
+def phrases_and_boxes(run: Run, tokens: Mapping[str, list[str]], *,
+                      max_images: int = 0) -> dict[str, Any]:
+  """The phrase-matched patch pointing test and the box recall per token.
+
+  On the validation caption images, with every token of the vocabulary as a
+  candidate:
+
+  * ``phrase_matching``: each caption phrase (the pipeline's
+    ``phrase_tokens`` / ``phrase_counts``) is repeated by its count and
+    matched one-to-one to the patches with the loss's own pieces
+    (`matching_cost.phrase_instances`, `matching_cost.phrase_cost` with the
+    run's ``img_phrase_*`` settings, the in-graph Hungarian). Trusted tokens
+    are those a det or grd box carries somewhere in training (every token but
+    the caption-only ones; in training, those of the batch), conflict tokens
+    the det category tokens outside the phrase -- the matching training does
+    after the batch has boxed every base token. Per phrase group (its
+    caption-only token, else ``grounding_only``, else ``base``): ``matched``
+    instances, ``kept`` (trusted-token probability >= the gate), ``hit_rate``
+    (the matched patch's box has IoU >= 0.5 with an object, and the object
+    it overlaps most has the phrase's colour and shape), ``kept_hit_rate``,
+    ``on_object_rate`` and ``chance`` (the share of the image's objects that
+    carry the phrase). Phrases with no trusted token are not matched
+    (``unmatched_phrases``), as in training.
+  * ``boxes``: per colour / shape token, over the objects carrying it,
+    ``mean_best_iou`` (the best IoU of any predicted box with the object) and
+    ``recall`` (the share with a predicted box of IoU >= 0.5): an AP50
+    ceiling that no classification fixes.
+  """
+  info, model, lc = run.info, run.model, run.loss_config
+  cfg = scene_config(info)
+  vocab = info.vocab
+  all_ids = np.arange(schema.UNK_ID + 1, len(vocab), dtype=np.int32)
+  caption_only = {vocab.id(t) for t in tokens["caption_only"]}
+  det_ids = {vocab.id(t) for t in tokens["det_category_tokens"]}
+  trusted_row = np.array([t not in caption_only for t in all_ids])
+  conflict_row = np.array([t in det_ids for t in all_ids])
+  kk = min(lc.img_phrase_max_instances, info.spec.max_boxes)
+  split = "img_val"
+  first_id = shapes_world.image_id(split, 0)
+  words_known = set(cfg.colors) | set(cfg.shapes)
+
+  @jax.jit
+  def forward(params, images, cands, phrase_tokens, phrase_counts):
+    out = model.apply({"params": params}, images, cands, train=False)
+    logits = out["pred_logits"]  # [B, N, Q]
+    targets = token_ops.candidate_targets(phrase_tokens, cands)  # [B, P, Q]
+    trusted = targets & jnp.asarray(trusted_row)[None, None]
+    ok = (phrase_counts > 0) & trusted.any(-1)
+    index, num = matching_cost.phrase_instances(ok, phrase_counts, kk)
+    gather = lambda x: jnp.take_along_axis(x, index[..., None], axis=1)
+    conflict = jnp.asarray(conflict_row)[None, None] & ~gather(targets)
+    cost, trusted_prob = matching_cost.phrase_cost(
+        logits, gather(trusted), conflict,
+        conflict_weight=lc.img_phrase_conflict_weight,
+        form=lc.img_phrase_cost)  # [B, N, K]
+    valid = jnp.arange(kk)[None] < num[:, None]
+    cost = jnp.where(valid[:, None], cost, 0.0)
+    assign = matching.assignment_matrix(cost, num) * valid[:, None]
+    return (assign, trusted_prob, index, ok,
+            box_ops.cxcywh_to_xyxy(out["pred_boxes"]))
+
+  ds = pipeline.make_eval_dataset(run.config.data, info, stream="img",
+                                  process_index=0, process_count=1)
+  phrase_stats: dict[str, dict[str, float]] = {}
+  box_iou: dict[str, list[float]] = {}
+  unmatched = 0
+  scored = 0
+  done = False
+  for batch in ds:
+    batch = _device_batch(batch)
+    bsz = batch["image"].shape[0]
+    cands = np.broadcast_to(all_ids, (bsz, len(all_ids))).copy()
+    assign, tprob, index, ok, boxes = jax.device_get(forward(
+        run.params, batch["image"], cands, batch["phrase_tokens"],
+        batch["phrase_counts"]))
+    for b in range(bsz):
+      image_id = int(batch["image_id"][b])
+      if image_id < 0:
+        continue
+      if max_images and scored >= max_images:
+        done = True
+        break
+      scored += 1
+      objs = shapes_world.render_scene(cfg, split, image_id - first_id).objects
+      scale = float(batch["scale"][b])
+      obj_boxes = np.stack([_canvas_xyxy(o.bbox, scale, model.image_size)
+                            for o in objs])
+      ious = np.asarray(box_ops.pairwise_box_iou(
+          jnp.asarray(boxes[b]), jnp.asarray(obj_boxes, jnp.float32)))
+      best = ious.max(0)  # [O]: the best predicted box of each object.
+      for o, iou in zip(objs, best):
+        for word in (o.color, o.shape):
+          box_iou.setdefault(word, []).append(float(iou))
+      unmatched += int(((batch["phrase_counts"][b] > 0) & ~ok[b]).sum())
+      for n, k in zip(*np.nonzero(assign[b])):
+        p = int(index[b, k])
+        words = {vocab.token(int(t)) for t in batch["phrase_tokens"][b, p]
+                 if t > schema.UNK_ID} & words_known
+        carries = np.array([words <= {o.color, o.shape} for o in objs])
+        if not words or not carries.any():
+          continue  # A phrase of no object (truncated caption).
+        s = phrase_stats.setdefault(_phrase_group(words, tokens), dict(
+            matched=0, kept=0, hit=0, kept_hit=0, on_object=0, chance=0.0))
+        top = int(np.argmax(ious[n]))
+        on_object = bool(ious[n, top] >= IOU_HIT)
+        hit = on_object and bool(carries[top])
+        kept = bool(tprob[b, n, k] >= lc.img_phrase_min_trusted_prob)
+        s["matched"] += 1
+        s["kept"] += kept
+        s["hit"] += hit
+        s["kept_hit"] += hit and kept
+        s["on_object"] += on_object
+        s["chance"] += float(carries.mean())
+    if done:
+      break
+  groups = {}
+  for g, s in sorted(phrase_stats.items()):
+    groups[g] = {"matched": s["matched"], "kept": s["kept"],
+                 "hit_rate": _rate(s["hit"], s["matched"]),
+                 "kept_hit_rate": _rate(s["kept_hit"], s["kept"]),
+                 "on_object_rate": _rate(s["on_object"], s["matched"]),
+                 "chance": _rate(s["chance"], s["matched"])}
+  tracked = {t: g for g in GROUPS for t in tokens[g]}
+  per_token = {w: {"group": tracked.get(w), "objects": len(v),
+                   "mean_best_iou": float(np.mean(v)),
+                   "recall": float(np.mean(np.asarray(v) >= IOU_HIT))}
+               for w, v in sorted(box_iou.items())}
+  return {"split": split, "images_scored": scored,
+          "phrase_matching": {"min_trusted_prob":
+                              lc.img_phrase_min_trusted_prob,
+                              "unmatched_phrases": unmatched,
+                              "per_group": groups},
+          "boxes": {"iou_threshold": IOU_HIT, "per_token": per_token}}
 
 
 # ---------------------------------------------------------- candidate roles
@@ -646,6 +802,7 @@ def diagnose(workdir: str, *, checkpoint_step: int | None = None,
   tokens = token_sets(run.info)
   tracked = _tracked(run.info, tokens)
   pointing = pointing_test(run, tokens, max_images=max_images)
+  pointing.update(phrases_and_boxes(run, tokens, max_images=max_images))
   t_point = time.perf_counter()
   it = iter(pipeline.make_train_dataset(run.config.data, run.info,
                                         process_index=0, process_count=1))

@@ -197,3 +197,54 @@ def test_count_roles_on_a_hand_built_batch():
   assert out["per_token"]["circle"]["img"]["sampled_batch_pool"] == 1
   assert out["per_group"]["base"]["det"]["positive"] == 2
   assert out["examples"] == {"det": 1, "grd": 0, "img": 1}
+
+
+def test_phrase_matching_and_box_recall_count_every_caption_object(report):
+  result, root = report
+  p = result["pointing"]
+  captions = {a["image_id"]: a["caption"] for a in json.loads(
+      (root / "img_val.json").read_text())["annotations"]}
+  assert p["images_scored"] == len(captions)
+  caption_only = set(result["tokens"]["caption_only"])
+  grounding_only = set(result["tokens"]["grounding_only"])
+  # Expected from the caption text alone: each phrase's instances (its
+  # count, laid out in caption order and capped at K columns per image),
+  # grouped by the phrase's caption-only token, else grd, else base; a
+  # phrase with no trusted (non caption-only) word gets no instance.
+  kk = 8  # The tiny config: img_phrase_max_instances 8, max_boxes 8.
+  matched, chance, untrusted, objects = {}, {}, 0, {}
+  for caption in captions.values():
+    items = _caption_objects(caption)
+    assert len(items) <= 8  # max_phrases: no phrase dropped here.
+    total = sum(n for n, _ in items)
+    used = 0
+    for n, words in items:
+      for w in words:
+        objects[w] = objects.get(w, 0) + n
+      if words <= caption_only:
+        untrusted += 1
+        continue
+      novel = sorted(words & caption_only)
+      group = "+".join(novel) if novel else (
+          "grounding_only" if words & grounding_only else "base")
+      take = max(0, min(n, kk - used))
+      used += take
+      carriers = sum(m for m, w2 in items if words <= w2)
+      matched[group] = matched.get(group, 0) + take
+      chance[group] = chance.get(group, 0.0) + take * carriers / total
+  pm = p["phrase_matching"]
+  assert pm["unmatched_phrases"] == untrusted
+  assert {g: v["matched"] for g, v in pm["per_group"].items()} == matched
+  for g, v in pm["per_group"].items():
+    assert math.isclose(v["chance"], chance[g] / matched[g])
+    assert 0 <= v["kept"] <= v["matched"]
+    assert 0.0 <= v["hit_rate"] <= v["on_object_rate"] <= 1.0
+  assert sum(matched.values()) > 0
+  boxes = p["boxes"]["per_token"]
+  assert {t: v["objects"] for t, v in boxes.items()} == objects
+  for t, v in boxes.items():
+    assert 0.0 <= v["mean_best_iou"] <= 1.0 and 0.0 <= v["recall"] <= 1.0
+    # recall = share with IoU >= 0.5; mean >= 0.5 * recall.
+    assert v["mean_best_iou"] >= 0.5 * v["recall"] - 1e-9
+  for t in caption_only:
+    assert boxes[t]["group"] == "caption_only"
