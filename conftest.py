@@ -11,6 +11,9 @@
   run and is removed at its end; ``OMNITRAIN_TEST_JAX_CACHE=0`` turns it off.
   With a size limit JAX takes a file lock (``filelock``) around each read and
   write, so two workers never read a half-written entry.
+* With -n, how the tests are split between the workers (see below): each
+  module is one unit of work, except the long whole-program tests, each a
+  unit of its own; the units go out longest first.
 """
 
 import os
@@ -19,6 +22,7 @@ import shutil
 import tempfile
 
 from absl import flags
+import pytest
 
 # grain's multiprocessing reads absl flags; tests don't go through app.run.
 flags.FLAGS.mark_as_parsed()
@@ -57,3 +61,121 @@ def pytest_unconfigure(config):
   del config
   if _created_cache and pathlib.Path(_created_cache).is_dir():
     shutil.rmtree(_created_cache, ignore_errors=True)
+
+
+# --- How pytest-xdist splits the tests ------------------------------------
+#
+# With -n, a worker gets a whole "unit" at a time (`_Units`, a loadscope
+# scheduler). Each test module is one unit (its module-scoped fixtures, e.g. a
+# trained or exported model, and the functions it jits are then built once,
+# not once on each worker), except the long whole-program tests below: they
+# share no module fixture (only the session ones of tests/conftest.py, which
+# the workers share anyway) and each is a unit of its own, so the workers can
+# split them.
+_OWN_UNITS = (
+    "tests/train_test.py::",
+    "tests/faults_test.py::",
+    "tests/finetune_test.py::",
+    "tests/demo_test.py::",
+    "tests/ablation_test.py::test_two_mixes_end_to_end_two_at_a_time",
+    "omnitrain_jax/train_step_test.py::"
+    "test_sharded_table_step_equals_single_device",
+)
+
+# Rough seconds of the longest units (2 idle cores, 2 workers, the run's
+# compilation cache warm where it can be). They start first, longest first,
+# so that no long unit starts late and keeps one worker busy alone at the end
+# (the others keep their order, after these). A unit's cost is the largest of
+# its tests'; a test's, that of its first matching prefix. Only the order
+# matters: a test missing here still runs, only later.
+_UNIT_SECONDS = (
+    ("tests/train_test.py::test_same_losses_on_every_layout", 110),
+    ("tests/ablation_test.py::test_two_mixes_end_to_end_two_at_a_time", 110),
+    ("tests/train_test.py::test_two_processes_draw_the_candidates", 105),
+    ("tests/diagnose_captions_test.py", 100),
+    ("omnitrain_jax/train_step_test.py::test_sharded_table_step", 85),
+    ("omnitrain_jax/train_step_test.py", 90),
+    ("tests/finetune_test.py::test_finetune_recipe", 90),
+    ("tests/export_test.py", 85),
+    ("tests/evaluate_test.py", 80),
+    # The first test that needs tests/conftest.py's `reference_run` trains
+    # it; the units right after it do not need it, so that the other worker
+    # does not wait for it.
+    ("tests/train_test.py::test_interrupted_run_resumes_exactly[9]", 75),
+    ("tests/predict_test.py", 60),
+    ("tests/serve_test.py", 60),
+    ("omnitrain_jax/models/omnidet_test.py", 60),
+    ("tests/train_test.py::test_interrupted_run_resumes_exactly", 58),
+    ("tests/faults_test.py::test_second_trainer", 57),
+    ("tests/faults_test.py::test_disk_full", 55),
+    ("tests/faults_test.py::test_lenient_vocabulary", 55),
+    ("tests/demo_test.py", 50),
+    ("omnitrain_jax/losses/omni_loss_test.py", 45),
+    ("tests/faults_test.py::test_sigterm_during_evaluation", 45),
+    ("tests/finetune_test.py", 40),
+    ("tests/faults_test.py::test_bit_flipped", 40),
+    ("tests/faults_test.py::test_changed_config", 35),
+    ("tests/train_test.py::test_nonfinite", 35),
+    ("omnitrain_jax/models/pretrained_test.py", 30),
+    ("omnitrain_jax/evaluation/inference_test.py", 30),
+    ("tests/faults_test.py::test_bad_images", 30),
+    ("omnitrain_jax/sharding_test.py", 25),
+    ("omnitrain_jax/matching/assignment_test.py", 20),
+    ("omnitrain_jax/data/pipeline_test.py", 20),
+    ("tests/faults_test.py", 15),
+)
+
+
+def _unit(nodeid: str) -> str:
+  """The unit of a test: its module, or the test itself (`_OWN_UNITS`)."""
+  if nodeid.startswith(_OWN_UNITS):
+    return nodeid
+  return nodeid.split("::", 1)[0]
+
+
+def _seconds(nodeid: str) -> int:
+  for prefix, seconds in _UNIT_SECONDS:
+    if nodeid.startswith(prefix):
+      return seconds
+  return 0
+
+
+def pytest_collection_modifyitems(config, items):
+  """Orders the units longest first (a unit's tests stay together, in order).
+
+  Deterministic: every xdist worker must collect the same order. The
+  scheduler (`_Units`, with pytest.ini's --no-loadscope-reorder) hands the
+  units out in this order.
+  """
+  del config
+  first, cost = {}, {}
+  for i, item in enumerate(items):
+    unit = _unit(item.nodeid)
+    first.setdefault(unit, i)
+    cost[unit] = max(cost.get(unit, 0), _seconds(item.nodeid))
+  def order(indexed):
+    i, item = indexed
+    unit = _unit(item.nodeid)
+    return (-cost[unit], first[unit], i)
+  items[:] = [item for _, item in sorted(enumerate(items), key=order)]
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+  """`_Units` for -n's default distribution (an explicit --dist is kept).
+
+  (Not xdist's "loadgroup" with xdist_group marks: pytest-xdist 3.8 renames
+  the grouped tests through an attribute pytest 9 no longer reads, so the
+  marks group nothing.)
+  """
+  if config.getvalue("dist") != "load":
+    return None
+  from xdist.scheduler import LoadScopeScheduling  # pylint: disable=g-import-not-at-top
+
+  class _Units(LoadScopeScheduling):
+    """Load-scope scheduling with `_unit` as the scope."""
+
+    def _split_scope(self, nodeid: str) -> str:
+      return _unit(nodeid)
+
+  return _Units(config, log)

@@ -4,6 +4,11 @@ import os
 import pathlib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+# The flags of the 8-step run (tests/conftest.py's `reference_run`) that the
+# resume and fault tests compare their per-step losses with: checkpoints at
+# 2, 4, 6, 8 (the last 3 kept), a metrics line every step.
+REFERENCE_FLAGS = ("--config.total_steps=8", "--config.log_every_steps=1",
+                   "--config.checkpoint_every_steps=2")
 
 
 def subprocess_env(devices: int | None = None) -> dict[str, str]:

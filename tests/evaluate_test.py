@@ -1,7 +1,7 @@
 """Whole-program tests of evaluation after a tiny training run.
 
 One training run (`python -m omnitrain_jax.main`, the tiny ShapesWorld
-config) serves the module. The evaluate binary runs on 2 fake devices, on 2
+config: tests/conftest.py's `tiny_run`, copied) serves the module. The evaluate binary runs on 2 fake devices, on 2
 processes (which must give the same files), and on a COCO file given by
 path; the `Evaluator` the trainer uses runs in this process.
 """
@@ -47,15 +47,23 @@ def _evaluate_cmd(workdir, *flags):
           f"--workdir={workdir}", *flags]
 
 
+# The step of the trained run (`tiny_run`'s last), so its eval/ folder.
+STEP = "2"
+
+
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-  """A trained tiny run: (workdir, cache_dir, dataset root)."""
-  root = tmp_path_factory.mktemp("evaluate")
-  workdir, cache = str(root / "work"), str(root / "cache")
-  _run([sys.executable, "-m", "omnitrain_jax.main", f"--config={CONFIG}",
-        f"--workdir={workdir}", f"--config.data.cache_dir={cache}"], _env())
-  (data_root,) = pathlib.Path(cache).glob("shapes_world-*")
-  return workdir, cache, data_root
+def run(tiny_run, tmp_path_factory):
+  """A trained tiny run: (workdir, cache_dir, dataset root).
+
+  A copy of the shared `tiny_run` without its eval/ folder (the training's
+  own evaluation), so what these tests read under eval/ is the evaluate
+  binary's.
+  """
+  src, data_root = tiny_run
+  workdir = tmp_path_factory.mktemp("evaluate") / "work"
+  shutil.copytree(src, workdir, symlinks=True,
+                  ignore=shutil.ignore_patterns("eval"))
+  return str(workdir), str(pathlib.Path(data_root).parent), data_root
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +71,7 @@ def evaluated(run):
   """The binary on 2 devices: (eval dir, metrics, its stderr)."""
   workdir, _, _ = run
   proc = _run(_evaluate_cmd(workdir), _env(devices=2))
-  out = pathlib.Path(workdir) / "eval" / "6"
+  out = pathlib.Path(workdir) / "eval" / STEP
   return out, json.loads((out / "metrics.json").read_text()), proc.stderr
 
 
@@ -149,7 +157,7 @@ def test_two_processes_write_the_same_results(run, evaluated, tmp_path):
   for p in procs:
     _, err = p.communicate(timeout=600)
     assert p.returncode == 0, err[-4000:]
-  out2 = copy / "eval" / "6"
+  out2 = copy / "eval" / STEP
   metrics2 = json.loads((out2 / "metrics.json").read_text())
   for k, v in metrics.items():
     if not k.endswith("images_per_sec"):
@@ -185,7 +193,7 @@ def test_any_coco_file_by_path(run, tmp_path):
                      f"--image_dir={data_root / 'images'}",
                      "--coco_backend=pycocotools", "--max_detections=50"),
        _env())
-  out = work / "eval" / "6"
+  out = work / "eval" / STEP
   metrics = json.loads((out / "metrics.json").read_text())
   assert {k.split("/")[1] for k in metrics} == {"custom"}
   assert metrics["eval/custom/unknown_query_words"] == 2  # zebra, giraffe
@@ -220,7 +228,7 @@ def test_lvis_file_by_path(run, tmp_path):
   shutil.copytree(workdir, work, ignore=shutil.ignore_patterns("eval"))
   _run(_evaluate_cmd(work, f"--dataset_json={path}",
                      f"--image_dir={data_root / 'images'}"), _env())
-  metrics = json.loads((work / "eval" / "6" / "metrics.json").read_text())
+  metrics = json.loads((work / "eval" / STEP / "metrics.json").read_text())
   for key in ("AP", "AP50", "APr", "APc", "APf", "AP_fixed", "AP50_fixed",
               "APr_fixed", "APc_fixed", "APf_fixed"):
     assert f"eval/lvis_like/{key}" in metrics, key
@@ -235,7 +243,7 @@ def test_nms_and_a_relative_workdir(run, tmp_path):
   rel = os.path.relpath(work, REPO)  # The binary runs in REPO.
   _run(_evaluate_cmd(rel, "--nms_iou=0.3", "--datasets=shapes_det"), _env())
   dets = json.loads(
-      (work / "eval" / "6" / "detections_shapes_det.json").read_text())
+      (work / "eval" / STEP / "detections_shapes_det.json").read_text())
   assert dets
   groups = {}
   for d in dets:

@@ -22,9 +22,9 @@ import binaries  # tests/binaries.py
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "shapes_demo.py") + ":tiny"
-# Checkpoints at 2, 4, 6, 8 (the last 3 kept), a metrics line every step.
-FLAGS = ("--config.total_steps=8", "--config.log_every_steps=1",
-         "--config.checkpoint_every_steps=2")
+# Checkpoints at 2, 4, 6, 8 (the last 3 kept), a metrics line every step: the
+# flags of the shared reference run (tests/conftest.py's `reference_run`).
+FLAGS = binaries.REFERENCE_FLAGS
 
 
 def _env() -> dict[str, str]:
@@ -71,15 +71,17 @@ def _assert_same_losses(workdir, reference):
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("data_cache"))
+def cache_dir(reference_run):
+  """The data cache of the reference run: the generated tiny ShapesWorld is
+  in it (`_files_copy` copies it)."""
+  return str(reference_run[1])
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, cache_dir):
-  """(workdir, losses) of the uninterrupted 8-step run."""
-  workdir = tmp_path_factory.mktemp("reference") / "work"
-  _run(_cmd(workdir, cache_dir))
+def reference(reference_run):
+  """(workdir, losses) of the uninterrupted 8-step run (read-only: the tests
+  copy it), trained once per test run for these tests and train_test.py's."""
+  workdir = reference_run[0]
   assert _committed(workdir) == [4, 6, 8]
   return workdir, _losses(workdir)
 
@@ -258,8 +260,7 @@ def _assert_one_line_error(proc, *parts, code=1):
 
 
 def test_bad_images_are_one_line_and_a_source_without_readable_records_ends(
-    tmp_path, cache_dir, reference):
-  del reference  # Generates the data into cache_dir.
+    tmp_path, cache_dir):
   root, data = _files_copy(tmp_path, cache_dir)
   for path in _images_of(root, "det_train.json"):
     path.unlink()
@@ -304,9 +305,7 @@ def _stopped_within(proc, seconds) -> float:
 
 
 @pytest.mark.parametrize("signals", [1, 2])
-def test_sigterm_stops_a_stalled_input_pipeline(tmp_path, cache_dir,
-                                                reference, signals):
-  del reference  # Generates the data into cache_dir.
+def test_sigterm_stops_a_stalled_input_pipeline(tmp_path, cache_dir, signals):
   root, data = _files_copy(tmp_path, cache_dir)
   _stall(_images_of(root, "det_train.json"))
   log_path = tmp_path / "stderr.txt"
@@ -338,8 +337,7 @@ def test_sigterm_stops_a_stalled_input_pipeline(tmp_path, cache_dir,
 
 
 def test_sigterm_during_evaluation_ends_it_and_saves_the_step(
-    tmp_path, cache_dir, reference):
-  del reference  # Generates the data into cache_dir.
+    tmp_path, cache_dir):
   root, data = _files_copy(tmp_path, cache_dir)
   _stall(_images_of(root, "det_val.json"))
   work = tmp_path / "work"
@@ -364,9 +362,7 @@ def test_sigterm_during_evaluation_ends_it_and_saves_the_step(
   assert max(_losses(work)) == 4
 
 
-def test_lenient_vocabulary_build_skips_a_numeric_caption(tmp_path, cache_dir,
-                                                          reference):
-  del reference  # Generates the data into cache_dir.
+def test_lenient_vocabulary_build_skips_a_numeric_caption(tmp_path, cache_dir):
   root, data = _files_copy(tmp_path, cache_dir)
   img = json.loads((root / "img_train.json").read_text())
   img["annotations"][0]["caption"] = 7

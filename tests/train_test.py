@@ -18,6 +18,8 @@ import time
 import numpy as np
 import pytest
 
+import binaries  # tests/binaries.py
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "shapes_demo.py") + ":tiny"
 
@@ -188,16 +190,15 @@ def _wait_until(cond, proc, timeout=600):
   raise AssertionError("condition not reached")
 
 
-RESUME_FLAGS = ("--config.total_steps=8", "--config.log_every_steps=1",
-                "--config.checkpoint_every_steps=2")
+# Those of the shared reference run (tests/conftest.py's `reference_run`).
+RESUME_FLAGS = binaries.REFERENCE_FLAGS
 
 
 @pytest.fixture(scope="module")
-def uninterrupted_run(tmp_path_factory, cache_dir):
-  """The reference: the same run, never interrupted."""
-  full = tmp_path_factory.mktemp("full")
-  _run(_main_cmd(full, cache_dir, *RESUME_FLAGS), _env())
-  return _losses(full)
+def uninterrupted_run(reference_run):
+  """The reference: the same run, never interrupted (trained once per test
+  run for these tests and faults_test.py's)."""
+  return _losses(reference_run[0])
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
