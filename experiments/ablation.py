@@ -13,7 +13,14 @@ their shares on top):
   det+grd              + grounding phrases (the only place `star`, `purple` get boxes)
   det+img              + captions (the only place `hexagon`, `pink` appear)
   det+grd+img          all three (the default recipe)
+  det+grd+img/no_phrase   all three, without caption phrase-region matching
+                          (``loss.img_phrase_weight=0``: the recipe before it)
+  det+grd+img/partial     all three, each caption naming about half its
+                          objects (ShapesWorld ``caption_drop_fraction=0.5``;
+                          real captions mention some objects, not all)
   det+grd+img/no_region   all three, without the caption loss's region term
+
+A variant (after ``/``) applies to any mix: ``det+img/partial``.
 
 and evaluates each run on the validation set:
 
@@ -55,7 +62,8 @@ def _define_flags() -> None:
   flags.DEFINE_string("config", os.path.join(REPO, "configs", "shapes_demo.py"),
                       "Base config (path[:variant]).")
   flags.DEFINE_list("mixes", ["det", "det+grd", "det+img", "det+grd+img",
-                              "det+grd+img/no_region"],
+                              "det+grd+img/no_phrase",
+                              "det+grd+img/partial"],
                     "Stream mixes to train.")
   flags.DEFINE_list("seeds", ["0", "1"], "Seeds (model and data).")
   flags.DEFINE_string("cache_dir", "", "ShapesWorld cache folder.")
@@ -66,20 +74,28 @@ def _define_flags() -> None:
                     "OUT/ablation.json.")
 
 
+# The variants of a mix ("det+grd+img/partial"): their config overrides.
+VARIANTS = {
+    "": [],
+    "no_region": ["--config.loss.img_region_weight=0"],
+    "no_phrase": ["--config.loss.img_phrase_weight=0"],
+    "partial": ["--config.data.shapes_world.caption_drop_fraction=0.5"],
+}
+
+
 def mix_overrides(mix: str, base_batch: dict[str, int]) -> list[str]:
-  """Config overrides for a stream mix ("det+grd", "det+grd+img/no_region")."""
+  """Config overrides for a stream mix ("det+grd", "det+grd+img/partial")."""
   streams, _, variant = mix.partition("/")
   names = streams.split("+")
   unknown = set(names) - {"det", "grd", "img"}
-  if unknown or "det" not in names or variant not in ("", "no_region"):
+  if unknown or "det" not in names or variant not in VARIANTS:
     raise ValueError(f"Bad mix {mix!r}: streams from det/grd/img (det "
-                     "always), optional '/no_region'.")
+                     "always), optional '/VARIANT' with VARIANT one of "
+                     f"{sorted(v for v in VARIANTS if v)}.")
   batch = {s: (base_batch[s] if s in names else 0) for s in base_batch}
   out = [f"--config.data.batch.{s}={n}" for s, n in batch.items()]
   out.append(f"--config.batch_size={sum(batch.values())}")
-  if variant == "no_region":
-    out.append("--config.loss.img_region_weight=0")
-  return out
+  return out + VARIANTS[variant]
 
 
 def token_dataset(det_val: str, tokens: list[str], out_path: str) -> str:

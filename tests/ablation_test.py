@@ -21,6 +21,10 @@ def test_mix_overrides_keep_the_det_share_and_add_streams():
   out = mix("det+grd+img/no_region", base)
   assert "--config.batch_size=16" in out
   assert "--config.loss.img_region_weight=0" in out
+  assert mix("det+img/no_phrase", base)[-2:] == [
+      "--config.batch_size=12", "--config.loss.img_phrase_weight=0"]
+  assert mix("det+grd+img/partial", base)[-1] == (
+      "--config.data.shapes_world.caption_drop_fraction=0.5")
   for bad in ("grd", "det+txt", "det/other"):
     with pytest.raises(ValueError, match="Bad mix"):
       mix(bad, base)
