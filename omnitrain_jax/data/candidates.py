@@ -76,7 +76,7 @@ same candidates.
 from __future__ import annotations
 
 import collections
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 import threading
 from typing import Any
 import zlib
@@ -142,6 +142,28 @@ def sampling_probs(counts: np.ndarray | None, vocab_size: int, *,
 def _unique_list(ids: list[int]) -> list[int]:
   """Unique ids above the reserved ones, in order of first occurrence."""
   return [t for t in dict.fromkeys(ids) if t > schema.UNK_ID]
+
+
+def _rejection_draw(draw: Callable[[int], list[int]], need: int,
+                    exclude: set[int],
+                    accept: Callable[[int], bool] | None = None) -> list[int]:
+  """Up to `need` distinct ids from `draw(n)` (n ids per round, 4 rounds).
+
+  Ids in `exclude`, repeated ones and ones `accept` refuses are skipped; it
+  returns as soon as `need` are found (fewer if the 4 rounds run out: the
+  caller completes the draw exactly). The random numbers used are those of
+  the rounds drawn, `2 * need + 8` ids each.
+  """
+  taken = set(exclude)
+  got: list[int] = []
+  for _ in range(4):
+    for t in draw(2 * need + 8):
+      if t not in taken and (accept is None or accept(t)):
+        taken.add(t)
+        got.append(t)
+        if len(got) == need:
+          return got
+  return got
 
 
 def example_key(split: str, stream: str, source: str, index: int
@@ -278,15 +300,11 @@ class Candidates(grain.transforms.Map):
     if 4 * need < avail:
       # Rejection: O(need), independent of the pool's size (a global batch
       # of a pod holds thousands of distinct positives).
-      taken = set(exclude)
-      for _ in range(4):
-        for i in rng.integers(len(pool), size=2 * need + 8).tolist():
-          t = pool[i]
-          if t not in taken:
-            taken.add(t)
-            got.append(t)
-            if len(got) == need:
-              return got
+      got = _rejection_draw(
+          lambda n: [pool[i] for i in rng.integers(len(pool), size=n).tolist()],
+          need, exclude)
+      if len(got) == need:
+        return got
     # Most of what is left is wanted: a permutation of the rest.
     rest = exclude.union(got)
     other = [t for t in pool if t not in rest]
@@ -306,16 +324,12 @@ class Candidates(grain.transforms.Map):
     if 4 * need < avail:
       # Rejection sampling by inverse CDF: O(need log V), independent of V,
       # while few of the drawable ids are wanted (the normal case).
-      taken = set(exclude)
-      for _ in range(4):
-        draw = np.searchsorted(self.cdf, rng.random(2 * need + 8),
-                               side="right")
-        for t in draw.tolist():
-          if t not in taken and probs[t] > 0:
-            taken.add(t)
-            got.append(t)
-            if len(got) == need:
-              return got
+      got = _rejection_draw(
+          lambda n: np.searchsorted(self.cdf, rng.random(n),
+                                    side="right").tolist(),
+          need, exclude, accept=lambda t: probs[t] > 0)
+      if len(got) == need:
+        return got
     # Most of what is left is wanted (small vocabularies): exact weighted
     # sampling without replacement (Gumbel top-k) over the rest, O(V).
     p = probs.copy()
