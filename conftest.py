@@ -92,15 +92,15 @@ _UNIT_SECONDS = (
     ("tests/train_test.py::test_same_losses_on_every_layout", 110),
     ("tests/ablation_test.py::test_two_mixes_end_to_end_two_at_a_time", 110),
     ("tests/train_test.py::test_two_processes_draw_the_candidates", 105),
+    # The first unit that needs tests/conftest.py's `reference_run` (also
+    # `tiny_run`) trains it; the units either side of it do not need it, so
+    # the other worker does not wait for it.
     ("tests/diagnose_captions_test.py", 100),
     ("omnitrain_jax/train_step_test.py::test_sharded_table_step", 85),
     ("omnitrain_jax/train_step_test.py", 90),
     ("tests/finetune_test.py::test_finetune_recipe", 90),
     ("tests/export_test.py", 85),
     ("tests/evaluate_test.py", 80),
-    # The first test that needs tests/conftest.py's `reference_run` trains
-    # it; the units right after it do not need it, so that the other worker
-    # does not wait for it.
     ("tests/train_test.py::test_interrupted_run_resumes_exactly[9]", 75),
     ("tests/predict_test.py", 60),
     ("tests/serve_test.py", 60),

@@ -4,10 +4,13 @@ import os
 import pathlib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-# The flags of the 8-step run (tests/conftest.py's `reference_run`) that the
-# resume and fault tests compare their per-step losses with: checkpoints at
-# 2, 4, 6, 8 (the last 3 kept), a metrics line every step.
-REFERENCE_FLAGS = ("--config.total_steps=8", "--config.log_every_steps=1",
+# The 8-step run (tests/conftest.py's `reference_run`, also `tiny_run`): the
+# resume and fault tests compare their per-step losses with it; checkpoints at
+# 2, 4, 6, 8 (the last 3 kept), a metrics line every step. Its last step is
+# the step of what export, serve, predict and evaluate load.
+REFERENCE_STEPS = 8
+REFERENCE_FLAGS = (f"--config.total_steps={REFERENCE_STEPS}",
+                   "--config.log_every_steps=1",
                    "--config.checkpoint_every_steps=2")
 
 

@@ -43,16 +43,6 @@ def _shared_run(tmp_path_factory, worker_id, name, flags, devices=None):
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory, worker_id):
-  """A tiny run trained for 2 steps, once per test run: (workdir, ShapesWorld
-  root). Read-only for the tests (they copy it or train elsewhere)."""
-  workdir, cache = _shared_run(tmp_path_factory, worker_id, "tiny_run",
-                               ["--config.total_steps=2"])
-  (data_root,) = cache.glob("shapes_world-*")
-  return str(workdir), data_root
-
-
-@pytest.fixture(scope="session")
 def reference_run(tmp_path_factory, worker_id):
   """The uninterrupted 8-step run (`REFERENCE_FLAGS`, 1 device), once per test
   run: (workdir, data cache dir), both `pathlib.Path`. Read-only: tests that
@@ -60,3 +50,15 @@ def reference_run(tmp_path_factory, worker_id):
   tests/faults_test.py compare their per-step losses with its."""
   return _shared_run(tmp_path_factory, worker_id, "reference_run",
                      REFERENCE_FLAGS, devices=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(reference_run):
+  """The trained model of export, serve, predict, evaluate, finetune and
+  diagnose tests: `reference_run` (one training less per test run, and its
+  train step is the one the fault tests compile, so the compilation cache
+  serves them), as (workdir, ShapesWorld root). Read-only for the tests
+  (they copy it or train elsewhere)."""
+  workdir, cache = reference_run
+  (data_root,) = cache.glob("shapes_world-*")
+  return str(workdir), data_root

@@ -48,7 +48,7 @@ def _evaluate_cmd(workdir, *flags):
 
 
 # The step of the trained run (`tiny_run`'s last), so its eval/ folder.
-STEP = "2"
+STEP = str(binaries.REFERENCE_STEPS)
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,7 @@ def export_dir(tiny_run, tmp_path_factory):
   out = tmp_path_factory.mktemp("exported") / "detector"
   proc = _run([sys.executable, "-m", "omnitrain_jax.export",
                f"--workdir={workdir}", f"--out={out}"])
-  assert "Exported step 2" in proc.stdout
+  assert f"Exported step {binaries.REFERENCE_STEPS}" in proc.stdout
   return out
 
 
@@ -102,7 +102,7 @@ def test_signature(export_dir, tiny_run):
   assert sig["inputs"]["images"] == {"shape": ["b", 64, 64, 3],
                                      "dtype": "uint8"}
   assert sig["inputs"]["query_tokens"]["shape"] == [16, 8]
-  assert sig["checkpoint_step"] == 2
+  assert sig["checkpoint_step"] == binaries.REFERENCE_STEPS
   assert sig["config"]["model"]["image_size"] == 64
   assert set(sig["outputs"]) == {"scores", "boxes", "box_index", "keep"}
   workdir, _ = tiny_run

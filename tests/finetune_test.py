@@ -1,6 +1,6 @@
 """Fine-tuning: a vocabulary that grows, and the recipe on a foreign dataset.
 
-One tiny ShapesWorld run (`tiny_run`, 2 steps) is the trained model. Then:
+One tiny ShapesWorld run (`tiny_run`, 8 steps) is the trained model. Then:
 
 * it is fine-tuned with a hand-made vocabulary that adds and removes tokens,
   at learning rate 1e-30 (no float32 row moves), so that the fine-tuned
@@ -15,6 +15,7 @@ One tiny ShapesWorld run (`tiny_run`, 2 steps) is the trained model. Then:
 
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -216,14 +217,19 @@ def test_finetune_recipe_on_a_foreign_coco_dataset(tiny_run, foreign,
   assert {"lemon", "green leaf"} <= found and "zebra" not in found
   # The base run on the new file, given the fine-tuned vocabulary: its
   # rows are matched by token (the new names start from their pieces), so
-  # every name is scored and no word is unknown.
+  # every name is scored and no word is unknown. (On a copy: `tiny_run` is
+  # read-only.)
+  base_copy = tmp_path / "base"
+  shutil.copytree(base, base_copy, symlinks=True,
+                  ignore=shutil.ignore_patterns("eval"))
   proc = _run([sys.executable, "-m", "omnitrain_jax.evaluate",
-               f"--workdir={base}", f"--dataset_json={val_json}",
+               f"--workdir={base_copy}", f"--dataset_json={val_json}",
                f"--image_dir={val_dir}", "--dataset_name=foreign",
                f"--vocab={vocab_transfer.workdir_vocab_path(workdir)}"])
   assert "Token table from" in proc.stderr and "3 new" in proc.stderr
-  base_metrics = json.loads((pathlib.Path(base) / "eval" / "2" /
-                             "metrics.json").read_text())
+  base_metrics = json.loads(
+      (base_copy / "eval" / str(binaries.REFERENCE_STEPS) /
+       "metrics.json").read_text())
   assert base_metrics["eval/foreign/unknown_query_words"] == 0
   assert np.isfinite(base_metrics["eval/foreign/AP50"])
 

@@ -152,7 +152,7 @@ def test_page_and_info(server):
   _, _, body = _get(server + "api/info")
   info = json.loads(body)
   assert info["backend"] == "workdir" and info["image_guided"]
-  assert info["step"] == 2
+  assert info["step"] == binaries.REFERENCE_STEPS
   # The run's ShapesWorld val images are the default examples.
   assert info["examples"] and info["examples"][0].endswith(".jpg")
   status, ctype, data = _get(server + "examples/" + info["examples"][0])
@@ -233,7 +233,7 @@ def test_upload_limit_and_paths(server):
 def test_export_dir(export_server, server):
   info = json.loads(_get(export_server + "api/info")[2])
   assert info["backend"] == "export" and not info["image_guided"]
-  assert info["step"] == 2 and info["examples"]
+  assert info["step"] == binaries.REFERENCE_STEPS and info["examples"]
   body = {"example": info["examples"][0], "queries": "red circle, star"}
   status, result = _post(export_server, body)
   assert status == 200, result
@@ -316,7 +316,7 @@ def test_page_in_headless_chromium(server, tiny_run, tmp_path):
     driver.get(server)
     WebDriverWait(driver, 30).until(
         lambda d: d.find_elements("css selector", "#examples img.example"))
-    assert "step 2" in driver.find_element("id", "status").text
+    assert f"step {binaries.REFERENCE_STEPS}" in driver.find_element("id", "status").text
     # The image sits beside the controls, not below them.
     assert driver.find_element("id", "canvas").location["x"] > 400
 
