@@ -93,6 +93,13 @@ Sections of the JSON:
   images: the best IoU of any predicted box with each object carrying the
   token, and the share of those objects with one of IoU >= 0.5 (no
   classification can detect an object that no box covers).
+
+``pointing.boxes_recolored`` (with ``--recolor=pink:red``) -- the same box
+  recall on the validation caption images generated again with pink objects
+  drawn in red's RGB (ShapesWorld's ``paint``: same scenes, boxes and
+  captions; only those pixels change). A caption-only colour whose recall
+  rises to the known colours' level when painted as one fails on its colour
+  (the box head never saw it boxed), not on its scenes.
 """
 
 from __future__ import annotations
@@ -102,6 +109,7 @@ import dataclasses
 import json
 import os
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -155,6 +163,11 @@ def _define_flags() -> None:
                        "Training batches for the gradients (the first ones).")
   flags.DEFINE_integer("max_images", 0,
                        "Validation caption images (0: all).")
+  flags.DEFINE_list("recolor", [],
+                    "COLOR:OTHER pairs, e.g. pink:red: also measure the box "
+                    "recall on the validation caption images regenerated "
+                    "with COLOR's objects painted in OTHER's RGB (the same "
+                    "scenes and boxes; `pointing.boxes_recolored`).")
   flags.mark_flags_as_required(["workdir"])
 
 
@@ -525,6 +538,60 @@ def phrases_and_boxes(run: Run, tokens: Mapping[str, list[str]], *,
           "boxes": {"iou_threshold": IOU_HIT, "per_token": per_token}}
 
 
+def recolored_boxes(run: Run, tokens: Mapping[str, list[str]],
+                    recolor: Mapping[str, str], *, max_images: int = 0
+                    ) -> dict[str, Any]:
+  """Box recall per token on repainted validation caption images.
+
+  The run's ShapesWorld data is generated again (in a temporary folder, never
+  the run's cache) with each colour of `recolor` painted in another's RGB
+  (the generator's ``paint``): its random draws do not depend on the RGB
+  values, so the scenes, objects and boxes are the same and only those
+  objects' pixels change. If a caption-only colour's box recall rises to the other colours'
+  when painted as a known one, its boxes fail because the box head never
+  saw that colour (no box of it is ever supervised), not because of the
+  scenes.
+
+  Args:
+    run: `load_run`.
+    tokens: `token_sets`.
+    recolor: colour name -> the colour whose RGB it gets.
+    max_images: validation caption images (0: all).
+
+  Returns:
+    ``{"recolor", "changed_pixels", "iou_threshold", "per_token"}``; the
+    last two as in `phrases_and_boxes`'s ``boxes``; ``changed_pixels``: the
+    share of the repainted images' pixels that differ from the run's.
+  """
+  with tempfile.TemporaryDirectory(prefix="recolor-") as tmp:
+    data = run.config.data.copy_and_resolve_references()
+    with data.unlocked():
+      data.cache_dir = tmp
+      data.shapes_world.paint = tuple(f"{k}:{v}" for k, v in recolor.items())
+    info = preparation.prepare_data(data)
+    info = context_lib.with_run_vocab(info, run.workdir, run.config)
+    painted = dataclasses.replace(run, info=info)
+    boxes = phrases_and_boxes(painted, tokens, max_images=max_images)["boxes"]
+    changed, total = 0, 0
+    ours = shapes_world.output_paths(run.info.root)["image_root"]
+    theirs = shapes_world.output_paths(info.root)["image_root"]
+    split_dir = os.path.join(theirs, "img_val")
+    names = sorted(os.listdir(split_dir))[:max_images or None]
+    for name in names:
+      a = np.asarray(_load_rgb(os.path.join(ours, "img_val", name)))
+      b = np.asarray(_load_rgb(os.path.join(split_dir, name)))
+      changed += int((a != b).any(-1).sum())
+      total += a.shape[0] * a.shape[1]
+  return {"recolor": dict(recolor), "changed_pixels": _rate(changed, total),
+          **boxes}
+
+
+def _load_rgb(path: str) -> np.ndarray:
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  with Image.open(path) as im:
+    return np.asarray(im.convert("RGB"))
+
+
 # ---------------------------------------------------------- candidate roles
 
 
@@ -795,7 +862,8 @@ def gradient_stats(run: Run, batches: Sequence[Mapping[str, np.ndarray]],
 
 def diagnose(workdir: str, *, checkpoint_step: int | None = None,
              num_batches: int = 50, grad_batches: int = 4,
-             max_images: int = 0) -> dict[str, Any]:
+             max_images: int = 0,
+             recolor: Mapping[str, str] | None = None) -> dict[str, Any]:
   """All three measurements on a run (see the module docstring)."""
   t0 = time.perf_counter()
   run = load_run(workdir, checkpoint_step)
@@ -803,6 +871,9 @@ def diagnose(workdir: str, *, checkpoint_step: int | None = None,
   tracked = _tracked(run.info, tokens)
   pointing = pointing_test(run, tokens, max_images=max_images)
   pointing.update(phrases_and_boxes(run, tokens, max_images=max_images))
+  if recolor:
+    pointing["boxes_recolored"] = recolored_boxes(run, tokens, recolor,
+                                                  max_images=max_images)
   t_point = time.perf_counter()
   it = iter(pipeline.make_train_dataset(run.config.data, run.info,
                                         process_index=0, process_count=1))
@@ -836,9 +907,16 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
   runtime.quiet_library_logs()
+  recolor = {}
+  for pair in f.recolor:
+    name, sep, other = pair.partition(":")
+    if not sep:
+      raise app.UsageError(f"--recolor={pair}: expected COLOR:OTHER, e.g. "
+                           "pink:red.")
+    recolor[name] = other
   result = diagnose(f.workdir, checkpoint_step=f.checkpoint_step,
                     num_batches=f.num_batches, grad_batches=f.grad_batches,
-                    max_images=f.max_images)
+                    max_images=f.max_images, recolor=recolor)
   text = json.dumps(result, indent=1)
   if f.out:
     os.makedirs(os.path.dirname(os.path.abspath(f.out)), exist_ok=True)

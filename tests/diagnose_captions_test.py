@@ -45,7 +45,8 @@ def report(tiny_run, tmp_path_factory):
   out = tmp_path_factory.mktemp("diag") / "diag.json"
   proc = subprocess.run(
       [sys.executable, str(TOOL), f"--workdir={workdir}", f"--out={out}",
-       f"--num_batches={NUM_BATCHES}", f"--grad_batches={GRAD_BATCHES}"],
+       f"--num_batches={NUM_BATCHES}", f"--grad_batches={GRAD_BATCHES}",
+       "--recolor=pink:red"],
       env=_env(), capture_output=True, text=True, timeout=600,
       cwd=str(REPO))
   assert proc.returncode == 0, proc.stderr[-4000:]
@@ -248,3 +249,16 @@ def test_phrase_matching_and_box_recall_count_every_caption_object(report):
     assert v["mean_best_iou"] >= 0.5 * v["recall"] - 1e-9
   for t in caption_only:
     assert boxes[t]["group"] == "caption_only"
+
+
+def test_recolored_boxes_score_the_same_scenes(report):
+  result, root = report
+  p = result["pointing"]
+  painted = p["boxes_recolored"]
+  assert painted["recolor"] == {"pink": "red"}
+  assert painted["iou_threshold"] == p["boxes"]["iou_threshold"]
+  # The same objects (scenes regenerated with pink drawn red) ...
+  assert ({t: v["objects"] for t, v in painted["per_token"].items()} ==
+          {t: v["objects"] for t, v in p["boxes"]["per_token"].items()})
+  # ... and only some pixels changed (those of the pink objects).
+  assert 0.0 < painted["changed_pixels"] < 0.5

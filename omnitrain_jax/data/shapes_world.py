@@ -130,7 +130,7 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -209,6 +209,12 @@ class Config:
       either way. 0 (default): every object is listed, and the files are
       byte-identical to those of before the option existed (same
       fingerprint, see `_fingerprint`).
+    paint: ``"COLOR:OTHER"`` pairs: COLOR's objects are drawn in OTHER's RGB
+      (names, captions and boxes unchanged; the random draws do not depend
+      on RGB values, so the scenes are those of the unpainted dataset). A
+      diagnostic (experiments/diagnose_captions.py ``--recolor``): does a
+      token fail on its objects' colour or on their scenes? () (default):
+      no repainting, same files and fingerprint as before the option.
   """
   num_images: int = 1000
   num_val_images: int = 200
@@ -227,10 +233,12 @@ class Config:
   position_margin: float = 0.04
   redundant_attribute_prob: float = 0.2
   caption_drop_fraction: float = 0.0
+  paint: tuple[str, ...] = ()
 
   def __post_init__(self):
     # Lists from callers become tuples so the config hashes and pickles.
-    for name in ("colors", "shapes", "grd_novel_tokens", "img_novel_tokens"):
+    for name in ("colors", "shapes", "grd_novel_tokens", "img_novel_tokens",
+                 "paint"):
       value = getattr(self, name)
       if isinstance(value, str):
         raise ValueError(f"{name}={value!r} must be a sequence of words, "
@@ -283,6 +291,11 @@ class Config:
     if not 0.0 <= self.caption_drop_fraction < 1.0:
       raise ValueError(f"caption_drop_fraction={self.caption_drop_fraction} "
                        "must be in [0, 1).")
+    for pair in self.paint:
+      name, sep, other = pair.partition(":")
+      if not sep or name not in COLORS or other not in COLORS:
+        raise ValueError(f"paint={self.paint}: {pair!r} must be COLOR:OTHER "
+                         f"with both in {tuple(COLORS)}, e.g. 'pink:red'.")
     if not any(c.split == "base" for c in categories(self)):
       raise ValueError("Every category holds a novel token, so det train "
                        "would be empty. Fix: fewer novel tokens.")
@@ -377,7 +390,7 @@ def params_fingerprint(**kwargs) -> str:
 # Parameters added after datasets were cached: at their default value they
 # are left out of the fingerprint, so existing caches keep their keys (their
 # defaults generate the files of before the parameter existed).
-_LATER_PARAMS = {"caption_drop_fraction": 0.0}
+_LATER_PARAMS = {"caption_drop_fraction": 0.0, "paint": ()}
 
 
 def _params(config: Config) -> dict[str, Any]:
@@ -456,13 +469,15 @@ def _outline(shape: str, rng: np.random.Generator) -> tuple[str, Any]:
 
 
 def _make_object(cat: Category, size: str, image_size: int,
-                 rng: np.random.Generator) -> _Placed:
+                 rng: np.random.Generator,
+                 paint: Mapping[str, str] | None = None) -> _Placed:
   lo, hi = SIZES[size]
   extent = rng.uniform(lo, hi) * image_size  # Larger side of the outline box.
   # Mostly brightness jitter: per-channel jitter would tint white and black.
   jitter = (rng.integers(-_COLOR_JITTER, _COLOR_JITTER + 1) +
             rng.integers(-_COLOR_JITTER // 2, _COLOR_JITTER // 2 + 1, 3))
-  rgb = np.clip(np.array(COLORS[cat.color], np.float32) + jitter, 0, 255)
+  color = (paint or {}).get(cat.color, cat.color)  # Config.paint.
+  rgb = np.clip(np.array(COLORS[color], np.float32) + jitter, 0, 255)
   kind, geom = _outline(cat.shape, rng)
   if kind == "poly":
     v = geom
@@ -501,7 +516,8 @@ def _sample_layout(config: Config, pool: Sequence[Category],
       groups.pop()
 
   sizes = tuple(SIZES)
-  objs = [_make_object(cat, sizes[int(rng.integers(3))], s, rng)
+  paint = dict(p.split(":") for p in config.paint)
+  objs = [_make_object(cat, sizes[int(rng.integers(3))], s, rng, paint)
           for cat, n in groups for _ in range(n)]
   # Big objects first: they are the hardest to fit.
   objs.sort(key=lambda o: -max(o.half))

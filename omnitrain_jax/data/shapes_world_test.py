@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 from PIL import Image
 import pytest
 from pycocotools.coco import COCO
@@ -425,3 +426,40 @@ def test_caption_drop_fraction_names_a_subset_and_defaults_to_old_files():
   assert dropped > 0
   with pytest.raises(ValueError, match="caption_drop_fraction"):
     sw.make_config(caption_drop_fraction=1.0)
+
+
+def test_paint_changes_only_the_painted_objects_pixels():
+  assert (sw.params_fingerprint(**PARAMS) ==
+          sw.params_fingerprint(**PARAMS, paint=()))
+  assert (sw.params_fingerprint(**PARAMS) !=
+          sw.params_fingerprint(**PARAMS, paint=["pink:red"]))
+  plain = sw.make_config(**PARAMS)
+  painted = sw.make_config(**PARAMS, paint=["pink:red"])
+  assert painted.paint == ("pink:red",)
+  red = np.array(sw.COLORS["red"], np.float32)
+  pink = np.array(sw.COLORS["pink"], np.float32)
+  changed_images = 0
+  for i in range(PARAMS["num_val_images"]):
+    a, b = (sw.render_scene(c, "img_val", i) for c in (plain, painted))
+    assert a.objects == b.objects and a.caption == b.caption
+    diff = (a.image != b.image).any(-1)  # [S, S]
+    inside = np.zeros_like(diff)
+    for o in a.objects:
+      if o.color == "pink":
+        x, y, w, h = o.bbox
+        inside[int(y):int(np.ceil(y + h)) + 1,
+               int(x):int(np.ceil(x + w)) + 1] = True
+    assert not (diff & ~inside).any(), i  # Nothing outside pink objects.
+    if diff.any():
+      changed_images += 1
+      # The changed pixels were pink and are red.
+      mean_a = a.image[diff].astype(np.float32).mean(0)
+      mean_b = b.image[diff].astype(np.float32).mean(0)
+      dist = lambda x, y: float(np.linalg.norm(x - y))
+      assert dist(mean_a, pink) < dist(mean_a, red), (i, mean_a)
+      assert dist(mean_b, red) < dist(mean_b, pink), (i, mean_b)
+    assert diff.any() == any(o.color == "pink" for o in a.objects), i
+  assert changed_images > 0
+  for bad in (["pink"], ["pink:mauve"], ["teal:red"]):
+    with pytest.raises(ValueError, match="paint"):
+      sw.make_config(paint=bad)
