@@ -130,6 +130,7 @@ from omnitrain_jax import matching
 from omnitrain_jax import model_setup
 from omnitrain_jax import runtime
 from omnitrain_jax.data import candidates as candidates_lib
+from omnitrain_jax.data import images as images_lib
 from omnitrain_jax.data import pipeline
 from omnitrain_jax.data import preparation
 from omnitrain_jax.data import schema
@@ -579,18 +580,13 @@ def recolored_boxes(run: Run, tokens: Mapping[str, list[str]],
     split_dir = os.path.join(theirs, "img_val")
     names = sorted(os.listdir(split_dir))[:max_images or None]
     for name in names:
-      a = np.asarray(_load_rgb(os.path.join(ours, "img_val", name)))
-      b = np.asarray(_load_rgb(os.path.join(split_dir, name)))
+      a = images_lib.load_image({"image_path": os.path.join(ours, "img_val",
+                                                        name)})
+      b = images_lib.load_image({"image_path": os.path.join(split_dir, name)})
       changed += int((a != b).any(-1).sum())
       total += a.shape[0] * a.shape[1]
   return {"recolor": dict(recolor), "changed_pixels": _rate(changed, total),
           **boxes}
-
-
-def _load_rgb(path: str) -> np.ndarray:
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  with Image.open(path) as im:
-    return np.asarray(im.convert("RGB"))
 
 
 # ---------------------------------------------------------- candidate roles
