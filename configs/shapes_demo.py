@@ -69,5 +69,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # matching").
     config.loss.img_phrase_weight = 2.0
     config.loss.img_phrase_warmup_steps = 500
+    # Half the det images colour-jittered, their colour words unlabelled
+    # (transforms.AugmentConfig): the box head stops depending on the colours
+    # det boxes, so caption-only `pink` objects get boxes. At 5000 steps,
+    # seeds 0 / 1, with vs without: img-novel AP50 0.507 / 0.507 vs 0.248 /
+    # 0.226, grd-novel 0.595 / 0.603 vs 0.491 / 0.499, base 0.675 / 0.685 vs
+    # 0.697 / 0.726 (README, "Colour-jittered boxes").
+    config.data.augment.color_jitter_prob = 0.5
   config.lock()
   return config

@@ -19,6 +19,10 @@ their shares on top):
                           objects (ShapesWorld ``caption_drop_fraction=0.5``;
                           real captions mention some objects, not all)
   det+grd+img/no_region   all three, without the caption loss's region term
+  det+grd+img/no_jitter   all three, without the demo config's colour
+                          jitter of half the det images
+                          (``data.augment.color_jitter_prob=0``: the recipe
+                          before it)
 
 A variant (after ``/``) applies to any mix: ``det+img/partial``.
 
@@ -63,6 +67,7 @@ def _define_flags() -> None:
                       "Base config (path[:variant]).")
   flags.DEFINE_list("mixes", ["det", "det+grd", "det+img", "det+grd+img",
                               "det+grd+img/no_phrase",
+                              "det+grd+img/no_jitter",
                               "det+grd+img/partial"],
                     "Stream mixes to train.")
   flags.DEFINE_list("seeds", ["0", "1"], "Seeds (model and data).")
@@ -80,6 +85,7 @@ VARIANTS = {
     "no_region": ["--config.loss.img_region_weight=0"],
     "no_phrase": ["--config.loss.img_phrase_weight=0"],
     "partial": ["--config.data.shapes_world.caption_drop_fraction=0.5"],
+    "no_jitter": ["--config.data.augment.color_jitter_prob=0"],
 }
 
 

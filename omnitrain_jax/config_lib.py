@@ -23,6 +23,13 @@ from omnitrain_jax.losses import omni_loss
 
 CONFIG_FILE = "config.json"
 
+# Words a colour jitter makes wrong (data.augment.color_words): English basic
+# colour terms and common variants, as the vocabulary normalizes them.
+COLOR_WORDS = ("red", "green", "blue", "yellow", "orange", "purple", "pink",
+               "brown", "black", "white", "gray", "grey", "cyan", "magenta",
+               "violet", "beige", "maroon", "navy", "teal", "turquoise",
+               "lavender", "indigo", "golden", "silver", "blond", "blonde")
+
 
 def data_config(tiny: bool = False) -> ml_collections.ConfigDict:
   """``config.data`` (input pipeline, see data/pipeline.py) on ShapesWorld.
@@ -86,6 +93,13 @@ def data_config(tiny: bool = False) -> ml_collections.ConfigDict:
       # ShapesWorld's position words are absolute thirds of the image, which a
       # crop can falsify even when it keeps every referent: no grd crops.
       grd_crop_prob=0.0,
+      # Colour jitter of det examples; their colour words (color_words in
+      # the vocabulary) then get no label from them (transforms.AugmentConfig).
+      color_jitter_prob=0.0,
+      color_jitter_hue=0.5,  # Any hue.
+      color_jitter_saturation=(0.4, 1.2),
+      color_jitter_value=(0.7, 1.3),
+      color_words=list(COLOR_WORDS),
   ))
   data.min_box_size = 1.0  # Canvas pixels; smaller boxes after a crop drop.
   data.candidates = ml_collections.ConfigDict(dict(

@@ -258,17 +258,42 @@ def _init_worker(worker_index: int, worker_count: int) -> None:
 
 def _chain(config: Any, info: preparation.DataInfo, *, train: bool
            ) -> list[Any]:
-  augment = None
+  augment, color_ids = None, None
   if train and config.augment.enabled:
+    aug = config.augment
     augment = transforms.AugmentConfig(
-        crop_prob=config.augment.crop_prob,
-        crop_min_scale=config.augment.crop_min_scale,
-        flip_prob=config.augment.flip_prob,
-        grd_crop_prob=config.augment.get("grd_crop_prob", None))
+        crop_prob=aug.crop_prob,
+        crop_min_scale=aug.crop_min_scale,
+        flip_prob=aug.flip_prob,
+        grd_crop_prob=aug.get("grd_crop_prob", None),
+        color_jitter_prob=aug.get("color_jitter_prob", 0.0),
+        color_jitter_hue=aug.get("color_jitter_hue", 0.5),
+        color_jitter_saturation=tuple(aug.get("color_jitter_saturation",
+                                              (0.4, 1.2))),
+        color_jitter_value=tuple(aug.get("color_jitter_value", (0.7, 1.3))))
+    if augment.color_jitter_prob:
+      if config.candidates.det_batch_negatives_known:
+        raise ValueError(
+            "data.augment.color_jitter_prob > 0 with "
+            "data.candidates.det_batch_negatives_known=True would label a "
+            "jittered image's sampled colour words as negatives of its boxes "
+            "(the new colours are unknown): set one of them off.")
+      color_ids = color_word_ids(info.vocab, aug.get("color_words", ()))
   return transforms.example_transforms(
       info.spec, encoder=info.tokenizer, augment=augment,
-      mirror=np.asarray(info.vocab.mirror_map()), strict=config.strict,
-      min_box_size=config.min_box_size)
+      mirror=np.asarray(info.vocab.mirror_map()), color_ids=color_ids,
+      strict=config.strict, min_box_size=config.min_box_size)
+
+
+def color_word_ids(vocab: Any, words: Sequence[str]) -> np.ndarray:
+  """int32 ids of the colour words the vocabulary holds (absent ones skipped).
+
+  The words are matched as the vocabulary's normalized tokens (lower case);
+  a colour jitter strips these ids from a jittered example's labels.
+  """
+  ids = {vocab.id(str(w).strip().lower()) for w in words}
+  ids.discard(schema.UNK_ID)
+  return np.array(sorted(ids), np.int32)
 
 
 def _apply(ds: grain.MapDataset, chain: Sequence[Any], seed: int

@@ -233,3 +233,29 @@ def test_eval_is_ordered_sharded_and_padded(prepared):
   b = batches[0]
   np.testing.assert_allclose(b["scale"], 1.0)  # 64 px images on 64 px canvas.
   np.testing.assert_array_equal(b["orig_size"][0], [64, 64])
+
+
+def test_color_jitter_strips_the_vocabularys_colour_words_in_training(
+    prepared):
+  data, info = prepared
+  data = data.copy_and_resolve_references()
+  ids = pipeline.color_word_ids(info.vocab, ["Red", "blue", "no-such-colour"])
+  assert sorted(info.vocab.token(int(i)) for i in ids) == ["blue", "red"]
+  colors = pipeline.color_word_ids(info.vocab, data.augment.color_words)
+  assert "pink" in {info.vocab.token(int(i)) for i in colors}
+  data.augment.color_jitter_prob = 1.0
+  ds = pipeline.make_train_dataset(data, info, process_index=0,
+                                   process_count=1)
+  batch = take(ds, 1)[0]
+  det = batch["stream"] == schema.STREAM_IDS["det"]
+  grd = batch["stream"] == schema.STREAM_IDS["grd"]
+  # Every det box lost its colour word and kept its shape word; grounding
+  # phrases keep theirs.
+  assert batch["box_mask"][det].any()
+  assert not np.isin(batch["box_tokens"][det], colors).any()
+  assert np.isin(batch["box_tokens"][grd], colors).any()
+  kept = batch["box_tokens"][det][batch["box_mask"][det]]
+  assert (kept > schema.UNK_ID).any(-1).all()
+  data.candidates.det_batch_negatives_known = True
+  with pytest.raises(ValueError, match="det_batch_negatives_known"):
+    pipeline.make_train_dataset(data, info, process_index=0, process_count=1)

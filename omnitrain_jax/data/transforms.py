@@ -6,6 +6,9 @@ in `mp_prefetch` worker processes) working on one element. The chain, built by
 
   Decode -> Tokenize -> [RandomCropFlip (train)] -> ResizePad -> PadToSpec
 
+(RandomCropFlip also does the optional colour jitter of det examples; see
+`AugmentConfig.color_jitter_prob`.)
+
 and turns a record (see `schema.py`, part 1) into an example (part 2): a uint8
 [S, S, 3] canvas (normalisation happens on the device: float32 on the host cuts
 decode throughput about 4x, see FACTS.md), boxes as normalised ``cx, cy, w, h``
@@ -473,7 +476,7 @@ def _sample_window(rng: np.random.Generator, size: int, frac: float,
 
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
-  """Random scale-crop and flip (train only).
+  """Random scale-crop, flip and colour jitter (train only).
 
   Attributes:
     crop_prob: probability of cropping an example.
@@ -487,14 +490,35 @@ class AugmentConfig:
       image, as in ShapesWorld) can become false when the crop shifts the
       frame; set 0 for such data. Flips are always safe (the mirror map swaps
       the words).
+    color_jitter_prob: probability of a random colour change of a *det*
+      example (after the crop and flip): the hue turned by up to
+      ``color_jitter_hue`` of the colour circle (0.5: any hue), saturation
+      and value (brightness) scaled by factors drawn in
+      ``color_jitter_saturation`` / ``color_jitter_value``. Colour words are
+      labels in open-vocabulary data ("red car"), and a new hue makes them
+      wrong, so a jittered example loses its colour tokens (the transform's
+      ``color_ids``) from its boxes and known negatives: its boxes still
+      train the box head and its other tokens ("car"), the colour words get
+      neither positives nor negatives from it. A box left with no token
+      trains the box head only. What it is for: the box head stops
+      depending on the colours detection boxed (a colour met only in
+      captions then gets boxes; README "Colour-jittered boxes").
+    color_jitter_hue: largest hue turn, a fraction of the circle in [0, 0.5].
+    color_jitter_saturation: (low, high) saturation factor.
+    color_jitter_value: (low, high) value factor.
   """
   crop_prob: float = 0.5
   crop_min_scale: float = 0.5
   flip_prob: float = 0.5
   grd_crop_prob: float | None = None
+  color_jitter_prob: float = 0.0
+  color_jitter_hue: float = 0.5
+  color_jitter_saturation: tuple[float, float] = (0.4, 1.2)
+  color_jitter_value: tuple[float, float] = (0.7, 1.3)
 
   def __post_init__(self):
-    for name in ("crop_prob", "flip_prob", "grd_crop_prob"):
+    for name in ("crop_prob", "flip_prob", "grd_crop_prob",
+                 "color_jitter_prob"):
       if getattr(self, name) is None:
         continue
       if not 0.0 <= getattr(self, name) <= 1.0:
@@ -502,6 +526,14 @@ class AugmentConfig:
     if not 0.0 < self.crop_min_scale <= 1.0:
       raise ValueError(f"crop_min_scale={self.crop_min_scale} must be in "
                        "(0, 1].")
+    if not 0.0 <= self.color_jitter_hue <= 0.5:
+      raise ValueError(f"color_jitter_hue={self.color_jitter_hue} must be in "
+                       "[0, 0.5] (a fraction of the colour circle).")
+    for name in ("color_jitter_saturation", "color_jitter_value"):
+      lo, hi = getattr(self, name)
+      if not 0.0 <= lo <= hi:
+        raise ValueError(f"{name}={(lo, hi)} must be (low, high) with "
+                         "0 <= low <= high.")
 
 
 class RandomCropFlip(_ExampleRandomMap):
@@ -519,9 +551,11 @@ class RandomCropFlip(_ExampleRandomMap):
   """
 
   def __init__(self, config: AugmentConfig, mirror: np.ndarray | None = None,
-               *, strict: bool = True):
+               *, color_ids: np.ndarray | None = None, strict: bool = True):
     self.config = config
     self.mirror = None if mirror is None else np.asarray(mirror, np.int32)
+    self.color_ids = np.asarray([] if color_ids is None else color_ids,
+                                np.int32)
     self.strict = strict
 
   def _mirror(self, ids: np.ndarray) -> np.ndarray:
@@ -562,8 +596,49 @@ class RandomCropFlip(_ExampleRandomMap):
         out["phrase_tokens"] = [self._mirror(t) for t in ex["phrase_tokens"]]
       for key in ("caption_tokens", "neg_tokens", "no_bg_tokens"):
         out[key] = self._mirror(ex[key])
+    if (cfg.color_jitter_prob and ex["stream"] == "det"
+        and rng.random() < cfg.color_jitter_prob):
+      image = jitter_colors(image, rng, hue=cfg.color_jitter_hue,
+                            saturation=cfg.color_jitter_saturation,
+                            value=cfg.color_jitter_value)
+      keep = lambda ids: ids[~np.isin(ids, self.color_ids)]
+      out["box_tokens"] = [keep(t) for t in out["box_tokens"]]
+      out["neg_tokens"] = keep(out["neg_tokens"])
+      _count(out, "color_jittered", 1)
     out["image"], out["boxes"] = image, boxes
     return out
+
+
+def jitter_colors(image: np.ndarray, rng: np.random.Generator, *,
+                  hue: float, saturation: tuple[float, float],
+                  value: tuple[float, float]) -> np.ndarray:
+  """A random hue turn and saturation / value scaling of a uint8 RGB image.
+
+  Draws, in order: the hue turn in [-hue, hue] (a fraction of the circle),
+  the saturation factor, the value factor. Grey pixels (black, white, the
+  padding) keep their hue-less grey under the turn.
+
+  Args:
+    image: uint8 [H, W, 3] RGB.
+    rng: the example's generator.
+    hue: largest turn, in [0, 0.5].
+    saturation: (low, high) factor range.
+    value: (low, high) factor range.
+
+  Returns:
+    uint8 [H, W, 3], a new array.
+  """
+  turn = rng.uniform(-hue, hue)
+  s_factor = rng.uniform(*saturation)
+  v_factor = rng.uniform(*value)
+  # OpenCV's *_FULL conversions use the whole byte for hue (256 steps).
+  hsv = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2HSV_FULL)
+  h = (hsv[..., 0].astype(np.int32) + int(round(turn * 256))) % 256
+  hsv[..., 0] = h.astype(np.uint8)
+  for c, factor in ((1, s_factor), (2, v_factor)):
+    hsv[..., c] = np.clip(hsv[..., c].astype(np.float32) * factor + 0.5, 0,
+                          255).astype(np.uint8)
+  return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB_FULL)
 
 
 class ResizePad(_ExampleMap):
@@ -705,7 +780,8 @@ def example_transforms(
     spec: schema.Spec, *, encoder: TextEncoder,
     decode: Callable[..., dict] | None = None,
     augment: AugmentConfig | None = None, mirror: np.ndarray | None = None,
-    strict: bool = True, min_box_size: float = 1.0) -> list[Any]:
+    color_ids: np.ndarray | None = None, strict: bool = True,
+    min_box_size: float = 1.0) -> list[Any]:
   """The record -> example chain of one stream, as grain transforms.
 
   Args:
@@ -714,6 +790,8 @@ def example_transforms(
     decode: see `Decode` (default `images.decode_record`).
     augment: random crop/flip for training; None for evaluation.
     mirror: the vocabulary's left/right mirror map (int32 [V]).
+    color_ids: the colour-word token ids a colour jitter makes unknown
+      (`AugmentConfig.color_jitter_prob`).
     strict: raise on bad records (True) or emit skip markers.
     min_box_size: boxes below this many canvas pixels are dropped.
 
@@ -722,7 +800,8 @@ def example_transforms(
   """
   chain = [Decode(decode, strict=strict), Tokenize(encoder, strict=strict)]
   if augment is not None:
-    chain.append(RandomCropFlip(augment, mirror, strict=strict))
+    chain.append(RandomCropFlip(augment, mirror, color_ids=color_ids,
+                                strict=strict))
   chain += [ResizePad(spec.image_size, min_box_size=min_box_size),
             PadToSpec(spec)]
   return chain

@@ -331,3 +331,99 @@ def test_phrase_padding_truncates_and_counts():
   assert counts["phrase_tokens_truncated"] == 1  # "large green star".
   assert toks(ex["phrase_tokens"][1]) == ["large", "green"]
   assert list(ex["phrase_counts"]) == [2, 1]
+
+
+COLOR_IDS = np.array([IDS["red"], IDS["green"]], np.int32)
+
+
+def jitter_chain(spec, augment):
+  return transforms.example_transforms(
+      spec, encoder=WordEncoder(), decode=solid_decode, augment=augment,
+      mirror=mirror_map(), color_ids=COLOR_IDS)
+
+
+def solid_decode(record, *, strict=True):
+  """A grey image with one saturated red block: hue turns are measurable."""
+  out = dict(record)
+  h, w = record["height"], record["width"]
+  image = np.full((h, w, 3), 128, np.uint8)
+  image[: h // 2, : w // 2] = (215, 35, 35)
+  out["image"] = image
+  return out
+
+
+def test_color_jitter_strips_colour_words_from_det_labels_only():
+  spec = schema.Spec(image_size=100)
+  off = transforms.AugmentConfig(crop_prob=0.0, flip_prob=0.0)
+  on = transforms.AugmentConfig(crop_prob=0.0, flip_prob=0.0,
+                                color_jitter_prob=1.0)
+  rec = det_record()
+  rec["_meta"] = transforms.new_meta("toy_det", "det", 0, 0)
+  plain = transforms.apply_chain(jitter_chain(spec, off), dict(rec),
+                                 np.random.default_rng(0))
+  jit = transforms.apply_chain(jitter_chain(spec, on), dict(rec),
+                               np.random.default_rng(0))
+  assert toks(plain["box_tokens"][0]) == ["red", "circle"]
+  # Both boxes stay (they still train the box head), without colour words.
+  assert jit["box_mask"].sum() == plain["box_mask"].sum() == 2
+  assert toks(jit["box_tokens"][0]) == ["circle"]
+  assert toks(jit["box_tokens"][1]) == ["square"]
+  np.testing.assert_array_equal(jit["boxes"], plain["boxes"])
+  # Known negatives lose the colours too ("red square" -> square, "dog").
+  assert set(toks(plain["neg_tokens"])) == {"dog"}  # The rest are positives.
+  rec2 = det_record(box_texts=["red circle", "dog"],
+                    neg_texts=["green square", "cat"])
+  jit2 = transforms.apply_chain(jitter_chain(spec, on), rec2,
+                                np.random.default_rng(0))
+  assert set(toks(jit2["neg_tokens"])) == {"square", "cat"}
+  assert toks(jit2["no_bg_tokens"]) == ["cat"]
+  assert jit["_meta"]["counts"]["color_jittered"] == 1
+  assert not np.array_equal(jit["image"], plain["image"])
+  # Grounding (and captions) are never jittered: same pixels and tokens.
+  for record in (grd_record(), img_record()):
+    a = transforms.apply_chain(jitter_chain(spec, off), dict(record),
+                               np.random.default_rng(0))
+    b = transforms.apply_chain(jitter_chain(spec, on), dict(record),
+                               np.random.default_rng(0))
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_jitter_colors_turns_the_hue_and_scales_saturation_and_value():
+  image = np.full((8, 8, 3), 128, np.uint8)
+  image[:4] = (215, 35, 35)  # Red: hue 0.
+  for seed in range(6):
+    draws = np.random.default_rng(seed)
+    turn, s_f, v_f = (draws.uniform(-0.5, 0.5), draws.uniform(0.4, 1.2),
+                      draws.uniform(0.7, 1.3))
+    out = transforms.jitter_colors(image, np.random.default_rng(seed),
+                                   hue=0.5, saturation=(0.4, 1.2),
+                                   value=(0.7, 1.3))
+    hsv_in = cv2_hsv(image)
+    hsv = cv2_hsv(out)
+    dh = (int(hsv[0, 0, 0]) - int(hsv_in[0, 0, 0]) - round(turn * 256)) % 256
+    assert min(dh, 256 - dh) <= 3, (seed, dh)
+    assert abs(int(hsv[0, 0, 1]) - hsv_in[0, 0, 1] * s_f) <= 3
+    assert abs(int(hsv[0, 0, 2]) - min(255, hsv_in[0, 0, 2] * v_f)) <= 3
+    # Grey stays grey (no hue to turn); only its brightness scales.
+    grey = out[-1, -1].astype(int)
+    assert grey.max() - grey.min() <= 1
+    assert abs(grey[0] - min(255, 128 * v_f)) <= 2
+  # A half-circle limit of 0 and unit factors change nothing.
+  same = transforms.jitter_colors(image, np.random.default_rng(0), hue=0.0,
+                                  saturation=(1.0, 1.0), value=(1.0, 1.0))
+  assert np.abs(same.astype(int) - image).max() <= 2
+
+
+def cv2_hsv(image):
+  import cv2  # pylint: disable=g-import-not-at-top
+  return cv2.cvtColor(image, cv2.COLOR_RGB2HSV_FULL)
+
+
+def test_augment_config_rejects_bad_color_jitter():
+  with pytest.raises(ValueError, match="color_jitter_prob"):
+    transforms.AugmentConfig(color_jitter_prob=1.5)
+  with pytest.raises(ValueError, match="color_jitter_hue"):
+    transforms.AugmentConfig(color_jitter_hue=0.7)
+  with pytest.raises(ValueError, match="color_jitter_value"):
+    transforms.AugmentConfig(color_jitter_value=(1.2, 0.8))
