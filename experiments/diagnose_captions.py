@@ -161,7 +161,8 @@ def _define_flags() -> None:
   flags.DEFINE_integer("num_batches", 50,
                        "Training batches for the candidate-role counts.")
   flags.DEFINE_integer("grad_batches", 4,
-                       "Training batches for the gradients (the first ones).")
+                       "Training batches for the gradients (the first ones; "
+                       "0: no gradient measurement).")
   flags.DEFINE_integer("max_images", 0,
                        "Validation caption images (0: all).")
   flags.DEFINE_list("recolor", [],
@@ -880,7 +881,9 @@ def diagnose(workdir: str, *, checkpoint_step: int | None = None,
   roles["batches"] = min(num_batches, len(batches))
   roles["loss_roles"] = loss_roles(run)
   t_roles = time.perf_counter()
-  grads = gradient_stats(run, batches[:grad_batches], tracked)
+  # --grad_batches=0 skips the gradients (the slowest part to compile).
+  grads = (gradient_stats(run, batches[:grad_batches], tracked)
+           if grad_batches > 0 else None)
   t_grads = time.perf_counter()
   return {
       "workdir": os.path.abspath(workdir),

@@ -543,11 +543,16 @@ class RandomCropFlip(_ExampleRandomMap):
   keeps every box, det keeps one random box whole, img is free. A flip mirrors
   the boxes and maps every token array through the vocabulary's mirror map, so
   "the circle on the left" becomes "the circle on the right" with its box.
+  With ``config.color_jitter_prob`` a det example may then get new colours
+  and lose its `color_ids` labels (`AugmentConfig`); its draws come after
+  the crop's and flip's, so those stay the same with or without it.
 
   Args:
     config: `AugmentConfig`.
     mirror: int32 [V] mapping each token id to its mirror image (``left`` <->
       ``right``, identity elsewhere); None: identity.
+    color_ids: token ids of the colour words a jitter makes unknown.
+    strict: raise on bad records (True) or emit skip markers.
   """
 
   def __init__(self, config: AugmentConfig, mirror: np.ndarray | None = None,
