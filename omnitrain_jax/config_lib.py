@@ -18,17 +18,11 @@ from etils import epath
 import ml_collections
 
 from omnitrain_jax import sharding
+from omnitrain_jax.data import transforms
 from omnitrain_jax.evaluation import options as eval_options
 from omnitrain_jax.losses import omni_loss
 
 CONFIG_FILE = "config.json"
-
-# Words a colour jitter makes wrong (data.augment.color_words): English basic
-# colour terms and common variants, as the vocabulary normalizes them.
-COLOR_WORDS = ("red", "green", "blue", "yellow", "orange", "purple", "pink",
-               "brown", "black", "white", "gray", "grey", "cyan", "magenta",
-               "violet", "beige", "maroon", "navy", "teal", "turquoise",
-               "lavender", "indigo", "golden", "silver", "blond", "blonde")
 
 
 def data_config(tiny: bool = False) -> ml_collections.ConfigDict:
@@ -99,7 +93,7 @@ def data_config(tiny: bool = False) -> ml_collections.ConfigDict:
       color_jitter_hue=0.5,  # Any hue.
       color_jitter_saturation=(0.4, 1.2),
       color_jitter_value=(0.7, 1.3),
-      color_words=list(COLOR_WORDS),
+      color_words=list(transforms.COLOR_WORDS),
   ))
   data.min_box_size = 1.0  # Canvas pixels; smaller boxes after a crop drop.
   data.candidates = ml_collections.ConfigDict(dict(

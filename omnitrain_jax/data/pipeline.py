@@ -278,7 +278,8 @@ def _chain(config: Any, info: preparation.DataInfo, *, train: bool
             "data.candidates.det_batch_negatives_known=True would label a "
             "jittered image's sampled colour words as negatives of its boxes "
             "(the new colours are unknown): set one of them off.")
-      color_ids = color_word_ids(info.vocab, aug.get("color_words", ()))
+      color_ids = color_word_ids(info.vocab, aug.get("color_words",
+                                                  transforms.COLOR_WORDS))
   return transforms.example_transforms(
       info.spec, encoder=info.tokenizer, augment=augment,
       mirror=np.asarray(info.vocab.mirror_map()), color_ids=color_ids,

@@ -64,6 +64,14 @@ from omnitrain_jax.vocab import text as text_lib
 
 META = "_meta"
 
+# Words a colour jitter makes wrong (the default of data.augment.color_words):
+# English basic colour terms and common variants, as the vocabulary
+# normalizes them.
+COLOR_WORDS = ("red", "green", "blue", "yellow", "orange", "purple", "pink",
+               "brown", "black", "white", "gray", "grey", "cyan", "magenta",
+               "violet", "beige", "maroon", "navy", "teal", "turquoise",
+               "lavender", "indigo", "golden", "silver", "blond", "blonde")
+
 # The fields a working (unpadded) example carries between transforms, besides
 # the record's own fields:
 #   image        uint8 [h, w, 3]   current pixels (cropped/flipped as we go)
