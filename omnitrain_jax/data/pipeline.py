@@ -99,6 +99,7 @@ Design decisions:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+import dataclasses
 import math
 from typing import Any
 import zlib
@@ -261,16 +262,13 @@ def _chain(config: Any, info: preparation.DataInfo, *, train: bool
   augment, color_ids = None, None
   if train and config.augment.enabled:
     aug = config.augment
-    augment = transforms.AugmentConfig(
-        crop_prob=aug.crop_prob,
-        crop_min_scale=aug.crop_min_scale,
-        flip_prob=aug.flip_prob,
-        grd_crop_prob=aug.get("grd_crop_prob", None),
-        color_jitter_prob=aug.get("color_jitter_prob", 0.0),
-        color_jitter_hue=aug.get("color_jitter_hue", 0.5),
-        color_jitter_saturation=tuple(aug.get("color_jitter_saturation",
-                                              (0.4, 1.2))),
-        color_jitter_value=tuple(aug.get("color_jitter_value", (0.7, 1.3))))
+    # AugmentConfig's own defaults fill what a (saved, older) config lacks;
+    # JSON-restored configs hold lists where the dataclass wants tuples.
+    augment = transforms.AugmentConfig(**{
+        f.name: tuple(aug[f.name]) if isinstance(aug[f.name], list)
+        else aug[f.name]
+        for f in dataclasses.fields(transforms.AugmentConfig)
+        if f.name in aug})
     if augment.color_jitter_prob:
       if config.candidates.det_batch_negatives_known:
         raise ValueError(

@@ -3,6 +3,7 @@
 import pickle
 import re
 
+import cv2
 import numpy as np
 import pytest
 
@@ -78,10 +79,11 @@ def grd_record(**kw):
   return rec
 
 
-def chain(spec, augment=None, strict=True):
+def chain(spec, augment=None, strict=True, decode=fake_decode,
+          color_ids=None):
   return transforms.example_transforms(
-      spec, encoder=WordEncoder(), decode=fake_decode, augment=augment,
-      mirror=mirror_map(), strict=strict)
+      spec, encoder=WordEncoder(), decode=decode, augment=augment,
+      mirror=mirror_map(), color_ids=color_ids, strict=strict)
 
 
 def toks(row):
@@ -337,9 +339,7 @@ COLOR_IDS = np.array([IDS["red"], IDS["green"]], np.int32)
 
 
 def jitter_chain(spec, augment):
-  return transforms.example_transforms(
-      spec, encoder=WordEncoder(), decode=solid_decode, augment=augment,
-      mirror=mirror_map(), color_ids=COLOR_IDS)
+  return chain(spec, augment, decode=solid_decode, color_ids=COLOR_IDS)
 
 
 def solid_decode(record, *, strict=True):
@@ -416,7 +416,6 @@ def test_jitter_colors_turns_the_hue_and_scales_saturation_and_value():
 
 
 def cv2_hsv(image):
-  import cv2  # pylint: disable=g-import-not-at-top
   return cv2.cvtColor(image, cv2.COLOR_RGB2HSV_FULL)
 
 
