@@ -23,6 +23,9 @@ their shares on top):
                           jitter of half the det images
                           (``data.augment.color_jitter_prob=0``: the recipe
                           before it)
+  det+grd+img/maxsize     all three, Detic's max-size image-label loss
+                          instead of phrase matching (not in the default
+                          mixes)
 
 A variant (after ``/``) applies to any mix: ``det+img/partial``.
 
@@ -75,6 +78,9 @@ def _define_flags() -> None:
   flags.DEFINE_multi_string("override", [], "Extra --config.x=y for every run.")
   flags.DEFINE_integer("jobs", 1, "Runs trained at the same time, each "
                        "pinned to its own share of the CPU cores (Linux).")
+  flags.DEFINE_bool("per_token", False, "Also evaluate each novel token "
+                    "alone (columns bare_<token>_AP50: `hexagon` and `pink` "
+                    "apart, as issue 12's goals ask).")
   flags.DEFINE_bool("replot", False, "Only redraw OUT/ablation.{md,png} from "
                     "OUT/ablation.json.")
 
@@ -86,6 +92,11 @@ VARIANTS = {
     "no_phrase": ["--config.loss.img_phrase_weight=0"],
     "partial": ["--config.data.shapes_world.caption_drop_fraction=0.5"],
     "no_jitter": ["--config.data.augment.color_jitter_prob=0"],
+    # Detic's max-size image-label loss in place of phrase matching, with
+    # phrase matching's weight and warm-up.
+    "maxsize": ["--config.loss.img_phrase_weight=0",
+                "--config.loss.img_maxsize_weight=2",
+                "--config.loss.img_maxsize_warmup_steps=500"],
 }
 
 
@@ -163,6 +174,8 @@ def _latest_metrics(workdir: str) -> dict[str, float]:
 
 def summarize(metrics: dict[str, float]) -> dict[str, float]:
   g = metrics.get
+  bare = {f"{k.split('/')[1]}_AP50": v for k, v in sorted(metrics.items())
+          if k.startswith("eval/bare_") and k.endswith("/AP50")}
   return {
       "base_AP50": g("eval/shapes_det/AP50_base"),
       "grd_novel_AP50": g("eval/shapes_det/AP50_grd_novel"),
@@ -171,6 +184,7 @@ def summarize(metrics: dict[str, float]) -> dict[str, float]:
       "grounding_acc50": g("eval/shapes_grd/acc@0.5"),
       "grd_token_AP50": g("eval/grd_tokens/AP50"),
       "img_token_AP50": g("eval/img_tokens/AP50"),
+      **bare,  # --per_token: bare_<token>_AP50
   }
 
 
@@ -178,12 +192,19 @@ COLUMNS = ("base_AP50", "grd_novel_AP50", "img_novel_AP50", "all_AP",
            "grounding_acc50", "grd_token_AP50", "img_token_AP50")
 
 
+def _columns(runs) -> tuple[str, ...]:
+  """COLUMNS, then the per-token columns (--per_token) that any run has."""
+  bare = sorted({k for r in runs for k in r if k.startswith("bare_")})
+  return COLUMNS + tuple(bare)
+
+
 def markdown(per_mix: dict[str, dict[str, list[float]]]) -> str:
-  head = "| mix | " + " | ".join(COLUMNS) + " |"
-  lines = [head, "|" + "---|" * (len(COLUMNS) + 1)]
+  columns = tuple(next(iter(per_mix.values()))) if per_mix else COLUMNS
+  head = "| mix | " + " | ".join(columns) + " |"
+  lines = [head, "|" + "---|" * (len(columns) + 1)]
   for mix, cols in per_mix.items():
     cells = [f"{np.mean(cols[c]):.3f} ± {np.std(cols[c]):.3f}"
-             if cols[c] else "-" for c in COLUMNS]
+             if cols.get(c) else "-" for c in columns]
     lines.append(f"| {mix} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
@@ -227,10 +248,11 @@ def plot(per_mix, path: str) -> None:
 
 def _per_mix(runs):
   per_mix = {}
+  columns = _columns(runs)
   for r in runs:
-    cols = per_mix.setdefault(r["mix"], {c: [] for c in COLUMNS})
-    for c in COLUMNS:
-      if r[c] is not None:
+    cols = per_mix.setdefault(r["mix"], {c: [] for c in columns})
+    for c in columns:
+      if r.get(c) is not None:
         cols[c].append(r[c])
   return per_mix
 
@@ -272,6 +294,10 @@ def main(argv):
       "img_tokens": token_dataset(paths["det_val"], splits["img_novel_tokens"],
                                   os.path.join(out, "img_tokens.json")),
   }
+  if f.per_token:
+    for tok in (*splits["grd_novel_tokens"], *splits["img_novel_tokens"]):
+      token_sets[f"bare_{tok}"] = token_dataset(
+          paths["det_val"], [tok], os.path.join(out, f"bare_{tok}.json"))
   def train_and_evaluate(mix: str, seed: str, cores) -> dict:
     workdir = os.path.join(out, mix.replace("+", "_").replace("/", "-"),
                            f"seed{seed}")

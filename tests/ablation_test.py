@@ -25,6 +25,10 @@ def test_mix_overrides_keep_the_det_share_and_add_streams():
       "--config.batch_size=12", "--config.loss.img_phrase_weight=0"]
   assert mix("det+grd+img/partial", base)[-1] == (
       "--config.data.shapes_world.caption_drop_fraction=0.5")
+  assert mix("det+grd+img/maxsize", base)[-3:] == [
+      "--config.loss.img_phrase_weight=0",
+      "--config.loss.img_maxsize_weight=2",
+      "--config.loss.img_maxsize_warmup_steps=500"]
   for bad in ("grd", "det+txt", "det/other"):
     with pytest.raises(ValueError, match="Bad mix"):
       mix(bad, base)
@@ -71,6 +75,7 @@ def test_two_mixes_end_to_end_two_at_a_time(tmp_path):
   proc = subprocess.run(
       [sys.executable, str(repo / "experiments" / "ablation.py"),
        f"--out={out}", "--mixes=det,det+grd", "--seeds=0", "--jobs=2",
+       "--per_token",
        f"--config={repo / 'configs' / 'shapes_demo.py'}:tiny",
        f"--cache_dir={tmp_path / 'cache'}"],
       capture_output=True, text=True, timeout=900, cwd=str(repo))
@@ -82,6 +87,12 @@ def test_two_mixes_end_to_end_two_at_a_time(tmp_path):
     for key in ("base_AP50", "grd_novel_AP50", "grounding_acc50",
                 "grd_token_AP50", "img_token_AP50"):
       assert r[key] is not None and 0.0 <= r[key] <= 1.0, (r["mix"], key)
+    # --per_token: each novel token of the ShapesWorld splits alone.
+    bare = sorted(k for k in r if k.startswith("bare_"))
+    assert bare == ["bare_hexagon_AP50", "bare_pink_AP50",
+                    "bare_purple_AP50", "bare_star_AP50"], bare
+    assert all(0.0 <= r[k] <= 1.0 for k in bare), r
   table = (out / "ablation.md").read_text()
   assert "| det+grd |" in table
+  assert "bare_hexagon_AP50 |" in table.splitlines()[0]
   assert (out / "ablation.png").stat().st_size > 1000

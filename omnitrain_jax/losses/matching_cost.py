@@ -13,7 +13,12 @@ with a class cost per stream (see `omni_loss.py` for why the streams differ):
   (focal loss as a positive minus as a negative; Deformable DETR / OWL-ViT).
 * grd: ``grd_cost_class`` x the cross-entropy of the prediction's token softmax
   against the uniform distribution over the box's tokens (MDETR's soft token
-  alignment), which is exactly the grd token loss of that pair.
+  alignment), which is exactly the grd token loss of that pair; with the
+  ``"focal"`` grd token loss (``grd_form``) the det focal class cost instead,
+  which is that loss's matching cost. The ``"per_positive"`` loss keeps the
+  cross-entropy cost: both are low when the phrase's tokens beat the other
+  candidates, and the exact per-positive cost needs a ``[B, N, M, Q]``
+  tensor (a box's negatives differ per box).
 
 img examples have no box targets (``num_cols`` 0 in `compute_cost`). With
 caption phrase matching on (``LossConfig.img_phrase_weight`` > 0) their
@@ -94,7 +99,8 @@ def compute_cost(tgt_dist: jnp.ndarray, pred_logits: jnp.ndarray,
                  tgt_mask: jnp.ndarray, stream: jnp.ndarray,
                  grd_softmax_mask: jnp.ndarray, *, cost_class: float,
                  grd_cost_class: float, cost_l1: float, cost_giou: float,
-                 focal_alpha: float, focal_gamma: float
+                 focal_alpha: float, focal_gamma: float,
+                 grd_form: str = "softmax"
                  ) -> tuple[jnp.ndarray, jnp.ndarray]:
   """The matching cost of a batch mixing det, grd and img examples.
 
@@ -117,6 +123,8 @@ def compute_cost(tgt_dist: jnp.ndarray, pred_logits: jnp.ndarray,
     cost_giou: weight of -GIoU.
     focal_alpha: focal alpha of the det class cost.
     focal_gamma: focal gamma of the det class cost.
+    grd_form: the grd token loss (`terms.GRD_TOKEN_LOSSES`): ``"focal"``
+      gives grd the det focal class cost, the others the cross-entropy.
 
   Returns:
     (cost, num_cols): float ``[B, N, M]``, 0 in padding columns; int32 ``[B]``,
@@ -130,7 +138,10 @@ def compute_cost(tgt_dist: jnp.ndarray, pred_logits: jnp.ndarray,
                         cost_giou=cost_giou)  # [B, N, M]
   det_cost = det_class_cost(logits, tgt_dist, focal_alpha=focal_alpha,
                             focal_gamma=focal_gamma)  # [B, N, M]
-  grd_cost = grd_class_cost(logits, tgt_dist, grd_softmax_mask)  # [B, N, M]
+  if grd_form == "focal":
+    grd_cost = det_cost
+  else:
+    grd_cost = grd_class_cost(logits, tgt_dist, grd_softmax_mask)  # [B,N,M]
   class_cost = jnp.where(is_det[:, None, None], cost_class * det_cost,
                          grd_cost_class * grd_cost)
   cost = jnp.where(tgt_mask[:, None, :], class_cost + boxes_cost, 0.0)

@@ -101,6 +101,14 @@ def test_compute_cost_picks_the_stream_cost_and_zeroes_padding():
                              boxes[0, :, :2], rtol=1e-6)
   np.testing.assert_allclose(cost[1], grd[1] + boxes[1], rtol=1e-6)
   assert np.all(cost[0, :, 2] == 0) and np.all(cost[2] == 0)
+  # The "per_positive" grd loss keeps the cross-entropy cost; "focal" gets
+  # the det focal cost (times grd_cost_class, here 1); det rows unchanged.
+  per_pos, _ = matching_cost.compute_cost(**x, **WEIGHTS,
+                                          grd_form="per_positive")
+  np.testing.assert_array_equal(per_pos, cost)
+  focal, _ = matching_cost.compute_cost(**x, **WEIGHTS, grd_form="focal")
+  np.testing.assert_allclose(focal[1], det[1] + boxes[1], rtol=1e-6)
+  np.testing.assert_array_equal(focal[0], cost[0])
 
 
 def test_compute_cost_prefers_the_right_box_and_tokens():

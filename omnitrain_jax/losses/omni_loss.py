@@ -53,6 +53,18 @@ grd (RefCOCOg / Flickr30k Entities)
     share tokens, so the union over boxes equals this phrase's tokens plus the
     other phrases' tokens; `phrase_ids` is therefore not needed.)
 
+  ``config.grd_token_loss`` picks the form of that token loss
+  (`terms.grd_token_loss`): ``"softmax"`` is MDETR's, above; its uniform
+  target makes the phrase's own tokens compete, so on a grounded box a word
+  the det stream scores high (`red`) is pushed down towards the phrase's
+  weakest word (`left`). ``"per_positive"`` scores each of the phrase's
+  tokens against the softmax's *other* candidates only (the multi-positive
+  contrastive form: still shift-invariant, still disambiguating, a positive
+  only ever pushed up; matched on the same cross-entropy cost), and
+  ``"focal"`` is GLIP's / Grounding DINO's per-token sigmoid focal loss,
+  positive on the phrase's tokens and negative on the other candidates,
+  matched on det's focal cost.
+
   Unmatched grounding predictions get no token loss at all: grounding data is
   not exhaustive, an unmatched patch may well show an unmentioned object.
   The softmax is shift-invariant, so it does not calibrate the absolute sigmoid
@@ -148,6 +160,18 @@ img phrase matching (``img_phrase_weight`` > 0; 0 in `LossConfig`, on in configs
   or grd box ever trained the box head on that colour and this term has no
   box loss; its matches then land off-object.
 
+img max-size (``img_maxsize_weight`` > 0; off by default and in configs/)
+  Detic's max-size image-label loss, the cheaper baseline of phrase
+  matching: each caption image gives *all* its caption tokens to one
+  prediction, the largest box among its proposals (predictions whose best
+  trusted-token probability, the objectness proxy, reaches
+  ``img_maxsize_min_objectness``), as a sigmoid focal loss: positive on the
+  caption tokens, negative on the other candidates (`terms.img_maxsize_*`).
+  Divided by the img examples that have a proposal; nothing before
+  ``img_maxsize_warmup_steps``. Detic trains on ImageNet-21k's
+  object-centric images, where the largest box usually is the label;
+  a caption that lists several objects hands every word to one of them.
+
 Box loss (det and grd): L1 on cxcywh plus 1 - GIoU, on matched pairs.
 
 Normalization: every term is divided by the number of its targets over the
@@ -210,6 +234,10 @@ class LossConfig:
     img_region_neg_weight: relative weight of the caption-absent negatives in
       the region term (0 turns them off).
     grd_softmax: candidates in the grounding softmax: "candidates" | "phrases".
+    grd_token_loss: the grd token loss, "softmax" (MDETR) | "per_positive" |
+      "focal" (GLIP); `terms.grd_token_loss` and the module docstring. With
+      "focal" the matching uses the det focal cost times ``grd_cost_class``
+      (set it to ``cost_class`` to match like det).
     matcher: Hungarian solver: "jax" (in-graph, default on accelerators) or
       "scipy" (host callback; traced under a mesh whose "data" axis has more
       than one device, each device's callback solves only its own examples).
@@ -234,6 +262,11 @@ class LossConfig:
       the conflict part of the phrase matching cost (0: none).
     img_phrase_cost: ``"sum"`` or ``"product"`` (`matching_cost.phrase_cost`).
     img_phrase_max_instances: phrase instances per caption (capped at M).
+    img_maxsize_weight: weight of Detic's max-size image-label term (0: off;
+      see the module docstring).
+    img_maxsize_warmup_steps: no max-size term before this step.
+    img_maxsize_min_objectness: the proposals of the max-size choice:
+      predictions whose best trusted-token probability reaches this.
   """
   focal_alpha: float = 0.25
   focal_gamma: float = 2.0
@@ -254,6 +287,7 @@ class LossConfig:
   img_region_temperature: float = 1.0
   img_region_neg_weight: float = 1.0
   grd_softmax: str = "candidates"
+  grd_token_loss: str = "softmax"
   matcher: str = "jax"
   matches_per_target: int = 1
   img_phrase_weight: float = 0.0
@@ -262,6 +296,9 @@ class LossConfig:
   img_phrase_conflict_weight: float = 1.0
   img_phrase_max_instances: int = 8
   img_phrase_cost: str = "sum"
+  img_maxsize_weight: float = 0.0
+  img_maxsize_warmup_steps: int = 0
+  img_maxsize_min_objectness: float = 0.2
 
   def __post_init__(self):
     if self.matcher not in _MATCHERS:
@@ -270,6 +307,9 @@ class LossConfig:
     if self.grd_softmax not in terms.GRD_SOFTMAX:
       raise ValueError(f"LossConfig.grd_softmax={self.grd_softmax!r}; use one "
                        f"of {terms.GRD_SOFTMAX}.")
+    if self.grd_token_loss not in terms.GRD_TOKEN_LOSSES:
+      raise ValueError(f"LossConfig.grd_token_loss={self.grd_token_loss!r}; "
+                       f"use one of {terms.GRD_TOKEN_LOSSES}.")
     if self.img_region_pool not in terms.REGION_POOLS:
       raise ValueError(f"LossConfig.img_region_pool={self.img_region_pool!r}; "
                        f"use one of {terms.REGION_POOLS}.")
@@ -299,6 +339,12 @@ class LossConfig:
     if self.img_phrase_cost not in matching_cost.PHRASE_COSTS:
       raise ValueError(f"LossConfig.img_phrase_cost={self.img_phrase_cost!r};"
                        f" use one of {matching_cost.PHRASE_COSTS}.")
+    if self.img_maxsize_weight < 0:
+      raise ValueError(f"LossConfig.img_maxsize_weight="
+                       f"{self.img_maxsize_weight} must be >= 0 (0: off).")
+    if not 0.0 <= self.img_maxsize_min_objectness <= 1.0:
+      raise ValueError(f"LossConfig.img_maxsize_min_objectness="
+                       f"{self.img_maxsize_min_objectness} must be in [0, 1].")
     if self.img_phrase_max_instances < 1:
       raise ValueError(f"LossConfig.img_phrase_max_instances="
                        f"{self.img_phrase_max_instances} must be >= 1.")
@@ -378,7 +424,9 @@ def omni_loss(outputs: Mapping[str, jnp.ndarray],
     ``img/phrase`` (the unweighted term), ``img/phrase_instances`` (phrase
     instances with a trusted token), ``img/phrase_matches`` (kept matches)
     and ``img/phrase_trusted_prob`` (their mean trusted-token probability,
-    the geometric mean over each phrase's trusted tokens).
+    the geometric mean over each phrase's trusted tokens). With max-size
+    on also ``img/maxsize`` (unweighted) and ``img/maxsize_chosen`` (img
+    examples with a chosen proposal).
   """
   _check_shapes(outputs, batch)
   f32 = jnp.float32
@@ -411,7 +459,8 @@ def omni_loss(outputs: Mapping[str, jnp.ndarray],
       box_dist, logits, tgt_boxes, pred_boxes, box_mask, stream, grd_mask,
       cost_class=config.cost_class, grd_cost_class=config.grd_cost_class,
       cost_l1=config.cost_l1, cost_giou=config.cost_giou,
-      focal_alpha=config.focal_alpha, focal_gamma=config.focal_gamma)
+      focal_alpha=config.focal_alpha, focal_gamma=config.focal_gamma,
+      grd_form=config.grd_token_loss)
   cap_targets = token_ops.candidate_targets(batch["caption_tokens"],
                                             candidates)  # [B, Q]
   use_phrase = config.img_phrase_weight > 0
@@ -431,7 +480,9 @@ def omni_loss(outputs: Mapping[str, jnp.ndarray],
       logits, assign, box_targets, batch["cand_known"], batch["cand_bg"],
       cand_valid, focal_alpha=config.focal_alpha,
       focal_gamma=config.focal_gamma)  # [B]
-  grd_token = terms.grd_token_loss(logits, assign, box_dist, grd_mask)  # [B]
+  grd_token = terms.grd_token_loss(
+      logits, assign, box_targets, grd_mask, form=config.grd_token_loss,
+      focal_alpha=config.focal_alpha, focal_gamma=config.focal_gamma)  # [B]
   has_cap = is_img & (cap_targets.sum(-1) > 0)  # [B]
   img_image = terms.img_image_loss(image_logits, cap_targets, cand_valid)
   img_region = terms.img_region_loss(
@@ -489,6 +540,27 @@ def omni_loss(outputs: Mapping[str, jnp.ndarray],
         p_assign * phrase["trusted_prob"]) / jnp.maximum(num_matches, 1.0)
     loss = loss + (config.img_weight * config.img_phrase_weight *
                    metrics["img/phrase"])
+  if config.img_maxsize_weight > 0:
+    det_tokens, grd_tokens = _box_token_sets(batch, box_mask, is_det, is_grd,
+                                             candidates)
+    trusted = det_tokens | grd_tokens  # [B, Q]
+    probs = jax.nn.sigmoid(jax.lax.stop_gradient(logits))
+    objectness = jnp.max(jnp.where(trusted[:, None, :], probs, 0.0), -1)
+    choice, found = terms.img_maxsize_choice(
+        jax.lax.stop_gradient(pred_boxes), objectness,
+        config.img_maxsize_min_objectness)  # [B, N], [B]
+    active = has_cap & found
+    if step is not None:
+      active &= jnp.asarray(step) >= config.img_maxsize_warmup_steps
+    choice = choice * active[:, None]
+    img_maxsize = terms.img_maxsize_loss(
+        logits, choice, cap_targets, cand_valid,
+        focal_alpha=config.focal_alpha, focal_gamma=config.focal_gamma)
+    num_chosen = jnp.sum(active).astype(f32)
+    metrics["img/maxsize"] = stream_mean(img_maxsize, active, num_chosen)
+    metrics["img/maxsize_chosen"] = num_chosen
+    loss = loss + (config.img_weight * config.img_maxsize_weight *
+                   metrics["img/maxsize"])
   metrics["loss"] = loss
   metrics["det/num_targets"] = num_det
   metrics["grd/num_targets"] = num_grd
@@ -517,10 +589,8 @@ def _phrase_matching_inputs(logits, batch, candidates, box_mask, is_det,
   kk = min(config.img_phrase_max_instances, m)
   phrase_targets = token_ops.candidate_targets(batch["phrase_tokens"],
                                                candidates)  # [B, P, Q]
-  det_tokens = token_ops.batch_token_set(
-      batch["box_tokens"], box_mask & is_det[:, None], candidates)  # [B, Q]
-  grd_tokens = token_ops.batch_token_set(
-      batch["box_tokens"], box_mask & is_grd[:, None], candidates)  # [B, Q]
+  det_tokens, grd_tokens = _box_token_sets(batch, box_mask, is_det, is_grd,
+                                           candidates)
   trusted = det_tokens | grd_tokens  # [B, Q]
   phrase_trusted = phrase_targets & trusted[:, None, :]  # [B, P, Q]
   active = is_img
@@ -544,3 +614,13 @@ def _phrase_matching_inputs(logits, batch, candidates, box_mask, is_det,
   return {"cost": cost, "num_instances": num, "valid": valid,
           "targets": inst_targets & valid[..., None],
           "trusted_prob": trusted_prob}
+
+
+def _box_token_sets(batch, box_mask, is_det, is_grd, candidates):
+  """bool [B, Q] each: candidates that are a det resp. grd box token of the
+  batch (the trusted tokens of phrase matching and max-size)."""
+  det_tokens = token_ops.batch_token_set(
+      batch["box_tokens"], box_mask & is_det[:, None], candidates)
+  grd_tokens = token_ops.batch_token_set(
+      batch["box_tokens"], box_mask & is_grd[:, None], candidates)
+  return det_tokens, grd_tokens

@@ -49,6 +49,93 @@ ALT = omni_loss_lib.LossConfig(grd_softmax="phrases", img_region_pool="max",
                                img_region_neg_weight=0.3)
 
 
+MAXSIZE = omni_loss_lib.LossConfig(img_maxsize_weight=1.0, img_image_weight=0.0,
+                                   img_region_weight=0.0,
+                                   img_maxsize_min_objectness=0.5,
+                                   img_maxsize_warmup_steps=100)
+
+
+def maxsize_scene(batch):
+  """`scene_outputs`, with box sizes: the background patch 0 (huge STAR,
+  an untrusted token: no objectness) is the largest box, then the blue
+  circle 3 (CIRCLE high), the red circle 1, the red star 2."""
+  out, col = scene_outputs(batch)
+  wh = {0: 0.6, 1: 0.2, 2: 0.1, 3: 0.3, 4: 0.05, 5: 0.05}
+  for n, side in wh.items():
+    out["pred_boxes"][1, n] = [0.5, 0.5, side, side]
+  return out, col
+
+
+def test_maxsize_gives_the_caption_to_the_largest_proposal():
+  batch = phrase_batch()  # caption RED STAR CIRCLE; trusted RED CIRCLE DOG
+  out, col = maxsize_scene(batch)
+  _, m, grads = run_at(out, batch, MAXSIZE)
+  assert m["img/maxsize_chosen"] == 1
+  g = np.asarray(grads["pred_logits"][1])
+  # Patch 3 (the largest with a trusted token >= 0.5): every caption token
+  # up, the other candidates (DOG, BLUE) down; nothing elsewhere.
+  assert np.all(g[3, [col[RED], col[STAR], col[CIRCLE]]] < 0)
+  assert np.all(g[3, [col[DOG], col[BLUE]]] > 0)
+  assert np.all(np.delete(g, 3, axis=0) == 0)
+  assert np.all(np.asarray(grads["pred_boxes"][1]) == 0)  # no box loss
+  # By hand: the focal loss of patch 3 / 1 chosen example.
+  valid = batch["candidates"][1] > 0
+  lg = np.where(valid, out["pred_logits"][1, 3], 0.0)
+  t = np.isin(batch["candidates"][1], [RED, STAR, CIRCLE]).astype(float)
+  p = 1 / (1 + np.exp(-lg))
+  ce = t * np.logaddexp(0, -lg) + (1 - t) * np.logaddexp(0, lg)
+  pt = t * p + (1 - t) * (1 - p)
+  focal = (t * 0.25 + (1 - t) * 0.75) * (1 - pt)**2 * ce
+  np.testing.assert_allclose(m["img/maxsize"], focal[valid].sum(), rtol=1e-5)
+  # Shrink the blue circle: the red circle (patch 1) is now the largest.
+  out["pred_boxes"][1, 3, 2:] = 0.15
+  g = np.asarray(run_at(out, batch, MAXSIZE)[2]["pred_logits"][1])
+  assert g[1, col[STAR]] < 0 and np.all(np.delete(g, 1, axis=0) == 0)
+
+
+def test_maxsize_gates_warmup_and_no_proposal_and_leaves_det_alone():
+  batch = phrase_batch()
+  out, _ = maxsize_scene(batch)
+  _, m, g = run_at(out, batch, MAXSIZE, step=99)  # before the warm-up
+  assert m["img/maxsize_chosen"] == 0 and m["img/maxsize"] == 0
+  assert np.all(np.asarray(g["pred_logits"][1]) == 0)
+  strict = dataclasses.replace(MAXSIZE, img_maxsize_min_objectness=0.99)
+  _, m, g = run_at(out, batch, strict)  # no prediction is a proposal
+  assert m["img/maxsize_chosen"] == 0 and m["img/maxsize"] == 0
+  assert np.all(np.asarray(g["pred_logits"][1]) == 0)
+  off = dataclasses.replace(MAXSIZE, img_maxsize_weight=0.0)
+  _, m_on, g_on = run_at(out, batch, MAXSIZE)
+  _, m_off, g_off = run_at(out, batch, off)
+  assert "img/maxsize" not in m_off
+  for k in m_off:
+    if k != "loss":
+      np.testing.assert_allclose(m_on[k], m_off[k], rtol=1e-6, err_msg=k)
+  for key in g_on:  # the det example's gradients are the same
+    np.testing.assert_array_equal(np.asarray(g_on[key])[0],
+                                  np.asarray(g_off[key])[0])
+
+
+def test_maxsize_is_permutation_invariant_and_finite_when_empty():
+  batch = phrase_batch()
+  out = random_outputs(batch, seed=15, scale=1.0)
+  _, m1, _ = run_at(out, batch, MAXSIZE)
+  assert m1["img/maxsize_chosen"] == 1
+  perm = np.random.default_rng(2).permutation(N)
+  permuted = {k: v[:, perm] if v.ndim == 3 else v for k, v in out.items()}
+  _, m2, _ = run_at(permuted, batch, MAXSIZE)
+  for k in m1:
+    np.testing.assert_allclose(m1[k], m2[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  empty = make_batch(make_example("det"), make_example("img"),
+                     make_example("img", caption=[DOG], candidates=[DOG]))
+  loss, m, grads = run_at(random_outputs(empty, seed=16), empty, MAXSIZE)
+  assert np.isfinite(loss) and m["img/maxsize_chosen"] == 0
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(grads))
+  for bad in (dict(img_maxsize_weight=-1.0),
+              dict(img_maxsize_min_objectness=2.0)):
+    with pytest.raises(ValueError, match="img_maxsize"):
+      omni_loss_lib.LossConfig(**bad)
+
+
 def make_example(stream, boxes=(), box_tokens=(), phrase_ids=None,
                  caption=(), candidates=(), known=(), bg=()):
   """One example following schema.py, padded to SPEC.
@@ -217,6 +304,43 @@ def test_grounding_token_loss_by_hand():
   expected = -(0.5 * (logp[0, 0] + logp[0, 1]) + 0.5 *
                (logp[1, 0] + logp[1, 2])) / 2
   np.testing.assert_allclose(metrics["grd/token"], expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("form", ["per_positive", "focal"])
+def test_grounding_token_loss_forms(form):
+  """The other grd token losses: only grd terms change, the disambiguation
+  signal stays, every positive is pulled up, permutations and empty batches
+  are safe."""
+  config = omni_loss_lib.LossConfig(grd_token_loss=form)
+  mixed = mixed_batch()
+  out = random_outputs(mixed, seed=6)
+  _, m_default, _ = run(out, mixed, CFG)
+  _, m_form, _ = run(out, mixed, config)
+  for k in m_default:
+    if k.startswith(("det/", "img/")) or k == "grd/num_targets":
+      np.testing.assert_allclose(m_form[k], m_default[k], rtol=1e-6,
+                                 err_msg=k)
+  assert m_form["grd/token"] != m_default["grd/token"]
+  perm = np.random.default_rng(0).permutation(N)
+  permuted = {k: v[:, perm] if v.ndim == 3 else v for k, v in out.items()}
+  _, m_perm, _ = run(permuted, mixed, config)
+  for k in m_form:
+    np.testing.assert_allclose(m_perm[k], m_form[k], rtol=1e-5, atol=1e-6,
+                               err_msg=k)
+  # Box 0 = {man, left}, box 1 = {man, right}: box 0's prediction goes up
+  # on man and left, down on right and on the other candidates.
+  batch = make_batch(grd_example())
+  grads = run(perfect_outputs(batch), batch, config)[2]["pred_logits"][0]
+  cand = list(batch["candidates"][0])
+  valid = batch["candidates"][0] > 0
+  assert grads[0, cand.index(MAN)] < 0 and grads[0, cand.index(LEFT)] < 0
+  assert grads[0, cand.index(RIGHT)] > 0 and grads[0, cand.index(DOG)] > 0
+  assert np.all(grads[:, ~valid] == 0) and np.all(grads[2:] == 0)
+  empty = make_batch(make_example("det"), make_example("grd"),
+                     make_example("img"))
+  loss, metrics, g = run(random_outputs(empty, seed=8), empty, config)
+  assert loss == 0 and all(np.isfinite(v) for v in metrics.values())
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(g))
 
 
 def test_det_negatives_follow_cand_known_and_cand_bg():
@@ -497,6 +621,8 @@ def test_config_from_config_dict_and_errors():
     omni_loss_lib.LossConfig(matcher="hungarian")
   with pytest.raises(ValueError, match="img_region_pool"):
     omni_loss_lib.LossConfig(img_region_pool="mean")
+  with pytest.raises(ValueError, match="grd_token_loss.*per_positive"):
+    omni_loss_lib.LossConfig(grd_token_loss="sigmoid")
   with pytest.raises(ValueError, match="matches_per_target"):
     omni_loss_lib.LossConfig(matches_per_target=0)
 

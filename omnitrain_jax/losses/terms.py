@@ -20,6 +20,7 @@ from omnitrain_jax.losses import token_ops
 # The options of `grd_softmax_mask` and `img_region_loss` (`LossConfig`
 # validates its fields against these).
 GRD_SOFTMAX = ("candidates", "phrases")
+GRD_TOKEN_LOSSES = ("softmax", "per_positive", "focal")
 REGION_POOLS = ("logsumexp", "max", "none")
 
 
@@ -113,27 +114,63 @@ def det_token_loss(logits: jnp.ndarray, assign: jnp.ndarray,
 
 
 def grd_token_loss(logits: jnp.ndarray, assign: jnp.ndarray,
-                   tgt_dist: jnp.ndarray,
-                   softmax_mask: jnp.ndarray) -> jnp.ndarray:
-  """Token softmax cross-entropy of the matched predictions (grd).
+                   box_targets: jnp.ndarray, softmax_mask: jnp.ndarray, *,
+                   form: str = "softmax", focal_alpha: float = 0.25,
+                   focal_gamma: float = 2.0) -> jnp.ndarray:
+  """Token loss of the matched grounding predictions (grd), in one of 3 forms.
 
   Unmatched predictions get no token loss (grounding data is not exhaustive).
+  For a prediction matched to a box with tokens P, over the candidates S of
+  ``softmax_mask`` (`grd_softmax_mask`), with logits s:
+
+  * ``"softmax"`` (MDETR's soft token alignment): the cross-entropy of the
+    softmax over S against the uniform distribution over P,
+    ``-mean_{t in P} log softmax_S(s)_t``. The phrase's tokens compete with
+    each other too: its gradient on a positive is ``p_t - 1/|P|``, so a
+    token the detector already scores high (``red``) is pushed *down* until
+    every token of the phrase has the same logit as its weakest one.
+  * ``"per_positive"``: each positive against the negatives only,
+    ``mean_{t in P} -log(e^{s_t} / (e^{s_t} + sum_{n in S \ P} e^{s_n}))``
+    (the multi-positive contrastive form). Still shift-invariant and still
+    disambiguating (``right`` is a negative of "the man on the left"), but a
+    positive is only ever pushed up.
+  * ``"focal"`` (GLIP / Grounding DINO: alignment as per-token binary
+    classification): the det stream's sigmoid focal loss, positive on P and
+    negative on ``S \ P``. Sets absolute probabilities, as det does.
 
   Args:
     logits: float ``[B, N, Q]`` token logits (pad candidates zeroed).
     assign: float ``[B, N, M]`` 0/1 matching.
-    tgt_dist: float ``[B, M, Q]``, per box the uniform distribution over its
-      candidate tokens.
-    softmax_mask: bool ``[B, Q]``, the candidates of the softmax
-      (`grd_softmax_mask`).
+    box_targets: bool ``[B, M, Q]``, the candidate tokens of each box.
+    softmax_mask: bool ``[B, Q]``, the candidates S (`grd_softmax_mask`).
+    form: ``"softmax"``, ``"per_positive"`` or ``"focal"``.
+    focal_alpha: focal alpha (``"focal"`` only).
+    focal_gamma: focal gamma (``"focal"`` only).
 
   Returns:
     float ``[B]``, summed over the matched predictions.
   """
-  target = jnp.einsum("bnm,bmq->bnq", assign, tgt_dist)  # [B, N, Q]; 0 rows
-  logp = token_ops.masked_log_softmax(logits,
-                                      softmax_mask[:, None, :])  # [B, N, Q]
-  return -(target * logp).sum((1, 2))
+  if form not in GRD_TOKEN_LOSSES:
+    raise ValueError(f"form={form!r}; use one of {GRD_TOKEN_LOSSES}.")
+  matched = _matched(assign)  # [B, N]
+  mask = softmax_mask[:, None, :]  # [B, 1, Q]
+  positive = _matched_positives(assign, box_targets) & mask  # [B, N, Q]
+  if form == "focal":
+    weight = matched[..., None] & mask
+    focal = token_ops.sigmoid_focal(logits, positive.astype(jnp.float32),
+                                    focal_alpha, focal_gamma)
+    return jnp.where(weight, focal, 0.0).sum((1, 2))
+  dist = token_ops.uniform_over(positive)  # [B, N, Q]; 0 rows if unmatched
+  if form == "softmax":
+    logp = token_ops.masked_log_softmax(logits, mask)  # [B, N, Q]
+    return -(dist * logp).sum((1, 2))
+  # per_positive: log(e^{s_t} + sum_neg e^{s_n}) - s_t for each positive t.
+  negative = mask & ~positive
+  neg_lse = jax.nn.logsumexp(
+      jnp.where(negative, logits, token_ops.NEG_LOGIT), axis=-1,
+      keepdims=True)  # [B, N, 1]; ~NEG_LOGIT if no negatives
+  per_token = jnp.logaddexp(logits, neg_lse) - logits  # [B, N, Q]
+  return jnp.where(positive, dist * per_token, 0.0).sum((1, 2))
 
 
 def img_image_loss(image_logits: jnp.ndarray, cap_targets: jnp.ndarray,
@@ -225,4 +262,60 @@ def img_phrase_loss(logits: jnp.ndarray, assign: jnp.ndarray,
   weight &= cand_valid[:, None, :]
   focal = token_ops.sigmoid_focal(logits, positive.astype(jnp.float32),
                                   focal_alpha, focal_gamma)
+  return jnp.where(weight, focal, 0.0).sum((1, 2))
+
+
+def img_maxsize_choice(pred_boxes: jnp.ndarray, objectness: jnp.ndarray,
+                       min_objectness: float) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """Detic's max-size proposal of each image: its largest confident box.
+
+  Detic (Zhou et al., 2022) gives an image-labelled image's labels to the
+  largest of its detector's proposals. This head has no separate proposal
+  stage, so the proposals are the predictions whose objectness (here the
+  best probability of a box-supervised token, `omni_loss`) reaches
+  ``min_objectness``; ties go to the lowest index.
+
+  Args:
+    pred_boxes: float ``[B, N, 4]`` cxcywh.
+    objectness: float ``[B, N]`` in [0, 1].
+    min_objectness: the proposal threshold.
+
+  Returns:
+    (assign, found): float ``[B, N]`` one-hot on the chosen prediction (0
+    rows where there is none), bool ``[B]``.
+  """
+  area = pred_boxes[..., 2] * pred_boxes[..., 3]  # [B, N]
+  ok = objectness >= min_objectness
+  score = jnp.where(ok, area, -1.0)
+  best = jnp.argmax(score, axis=-1)  # [B]
+  found = ok.any(-1)
+  onehot = jax.nn.one_hot(best, pred_boxes.shape[1], dtype=jnp.float32)
+  return onehot * found[:, None], found
+
+
+def img_maxsize_loss(logits: jnp.ndarray, choice: jnp.ndarray,
+                     cap_targets: jnp.ndarray, cand_valid: jnp.ndarray, *,
+                     focal_alpha: float, focal_gamma: float) -> jnp.ndarray:
+  """Sigmoid focal loss of the max-size prediction against the caption (img).
+
+  The chosen prediction (`img_maxsize_choice`) is positive on every caption
+  token and negative on the example's other valid candidates (Detic's
+  image-label BCE over the label vocabulary; focal here, as the det and
+  phrase terms, so their scales compare). Nothing else gets a loss.
+
+  Args:
+    logits: float ``[B, N, Q]`` token logits (pad candidates zeroed).
+    choice: float ``[B, N]`` one-hot (or 0) chosen prediction.
+    cap_targets: bool ``[B, Q]``, the caption's candidate tokens.
+    cand_valid: bool ``[B, Q]``, the non-padding candidates.
+    focal_alpha: focal alpha.
+    focal_gamma: focal gamma.
+
+  Returns:
+    float ``[B]``.
+  """
+  targets = jnp.broadcast_to(cap_targets[:, None, :], logits.shape)
+  focal = token_ops.sigmoid_focal(logits, targets.astype(jnp.float32),
+                                  focal_alpha, focal_gamma)
+  weight = (choice > 0)[..., None] & cand_valid[:, None, :]
   return jnp.where(weight, focal, 0.0).sum((1, 2))

@@ -94,23 +94,106 @@ def test_det_token_loss_weights_by_hand():
   np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
-def test_grd_token_loss_is_cross_entropy_of_matched_predictions():
+def _grd_case():
   logits = _logits(3)
   assign = _assign([(0, 1, 0), (0, 3, 1)])
   box_targets = np.zeros((B, M, Q), bool)
   box_targets[0, 0, [0, 1]] = box_targets[0, 1, [0, 2]] = True
   mask = np.array([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]], bool)
-  got = terms.grd_token_loss(jnp.asarray(logits), assign,
-                             token_ops.uniform_over(box_targets), mask)
+  return logits, assign, box_targets, mask
+
+
+def test_grd_token_loss_is_cross_entropy_of_matched_predictions():
+  logits, assign, box_targets, mask = _grd_case()
+  got = terms.grd_token_loss(jnp.asarray(logits), assign, box_targets, mask)
   logp = _np_log_softmax(logits.astype(np.float64), mask[:, None])
   want = -(0.5 * (logp[0, 1, 0] + logp[0, 1, 1]) +
            0.5 * (logp[0, 3, 0] + logp[0, 3, 2]))
   np.testing.assert_allclose(got, [want, 0.0], rtol=1e-5)
   # Unmatched predictions do not matter.
   grad = jax.grad(lambda l: terms.grd_token_loss(
-      l, assign, token_ops.uniform_over(box_targets), mask).sum())(
-          jnp.asarray(logits))
+      l, assign, box_targets, mask).sum())(jnp.asarray(logits))
   assert np.all(grad[0, [0, 2]] == 0) and np.all(grad[1] == 0)
+
+
+def test_grd_per_positive_loss_by_hand():
+  logits, assign, box_targets, mask = _grd_case()
+  got = terms.grd_token_loss(jnp.asarray(logits), assign, box_targets, mask,
+                             form="per_positive")
+  x = logits.astype(np.float64)
+
+  def one(n, pos):  # mean over positives of -log(e^s_t / (e^s_t + negs))
+    neg = [q for q in range(Q) if mask[0, q] and q not in pos]
+    negs = np.exp(x[0, n, neg]).sum()
+    return np.mean([-np.log(np.exp(x[0, n, t]) / (np.exp(x[0, n, t]) + negs))
+                    for t in pos])
+
+  np.testing.assert_allclose(got, [one(1, [0, 1]) + one(3, [0, 2]), 0.0],
+                             rtol=1e-5)
+
+
+def test_grd_focal_loss_is_det_focal_on_matched_predictions_only():
+  logits, assign, box_targets, mask = _grd_case()
+  got = terms.grd_token_loss(jnp.asarray(logits), assign, box_targets, mask,
+                             form="focal", focal_alpha=0.3, focal_gamma=1.5)
+  target = np.zeros((B, N, Q), np.float32)
+  target[0, 1, [0, 1]] = target[0, 3, [0, 2]] = 1
+  focal = np.asarray(token_ops.sigmoid_focal(jnp.asarray(logits),
+                                             jnp.asarray(target), 0.3, 1.5))
+  want = focal[0, 1][mask[0]].sum() + focal[0, 3][mask[0]].sum()
+  np.testing.assert_allclose(got, [want, 0.0], rtol=1e-5)
+
+
+def test_grd_softmax_pushes_a_strong_positive_down_per_positive_does_not():
+  """The reason for "per_positive": under the uniform-target softmax a
+  phrase token the detector already scores high is pushed down towards the
+  phrase's weakest token; each-positive-vs-negatives pushes every positive
+  up."""
+  logits = np.zeros((B, N, Q), np.float32)
+  logits[0, 0] = [6.0, -2.0, 0.0, 0.0, 0.0]  # `red` strong, `left` weak.
+  assign = _assign([(0, 0, 0)])
+  box_targets = np.zeros((B, M, Q), bool)
+  box_targets[0, 0, [0, 1]] = True
+  mask = np.ones((B, Q), bool)
+  grads = {}
+  for form in terms.GRD_TOKEN_LOSSES:
+    grads[form] = np.asarray(jax.grad(lambda l, f=form: terms.grd_token_loss(
+        l, assign, box_targets, mask, form=f).sum())(jnp.asarray(logits)))
+  assert grads["softmax"][0, 0, 0] > 0  # descent lowers the strong positive
+  for form in ("per_positive", "focal"):
+    assert np.all(grads[form][0, 0, [0, 1]] < 0), form  # both go up
+    assert np.all(grads[form][0, 0, 2:] > 0), form  # negatives go down
+  for form in terms.GRD_TOKEN_LOSSES:  # unmatched predictions: nothing
+    assert np.all(grads[form][0, 1:] == 0) and np.all(grads[form][1] == 0)
+
+
+@pytest.mark.parametrize("form", terms.GRD_TOKEN_LOSSES)
+def test_grd_token_loss_is_invariant_to_candidate_order(form):
+  logits, assign, box_targets, mask = _grd_case()
+  perm = np.array([3, 0, 4, 2, 1])
+  a = terms.grd_token_loss(jnp.asarray(logits), assign, box_targets, mask,
+                           form=form)
+  b = terms.grd_token_loss(jnp.asarray(logits[..., perm]), assign,
+                           box_targets[..., perm], mask[:, perm], form=form)
+  np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_grd_per_positive_without_negatives_is_zero_and_finite():
+  logits, assign, box_targets, _ = _grd_case()
+  mask = np.zeros((B, Q), bool)
+  mask[0, :3] = True  # only the positives of both matched boxes compete
+  box_targets[0, 0, 2] = box_targets[0, 1, 1] = True  # each box: 0, 1, 2
+  fn = lambda l: terms.grd_token_loss(l, assign, box_targets, mask,
+                                      form="per_positive").sum()
+  value, grad = jax.value_and_grad(fn)(jnp.asarray(logits))
+  assert value == 0.0 and np.all(np.isfinite(grad)) and np.all(grad == 0)
+
+
+def test_grd_token_loss_rejects_unknown_form():
+  logits, assign, box_targets, mask = _grd_case()
+  with pytest.raises(ValueError, match="per_positive"):
+    terms.grd_token_loss(jnp.asarray(logits), assign, box_targets, mask,
+                         form="sigmoid")
 
 
 def test_img_image_loss_equals_numpy_cross_entropy():
