@@ -468,9 +468,14 @@ def omni_loss(outputs: Mapping[str, jnp.ndarray],
   cap_targets = token_ops.candidate_targets(batch["caption_tokens"],
                                             candidates)  # [B, Q]
   use_phrase = config.img_phrase_weight > 0
+  if use_phrase or config.img_maxsize_weight > 0:
+    # The batch's box tokens: trusted by phrase matching and max-size.
+    det_tokens, grd_tokens = _box_token_sets(batch, box_mask, is_det, is_grd,
+                                             candidates)  # [B, Q] each
   if use_phrase:  # img examples' columns: their phrase instances.
     phrase = _phrase_matching_inputs(logits, batch, candidates, box_mask,
-                                     is_det, is_grd, is_img, step, config)
+                                     det_tokens, grd_tokens, is_img, step,
+                                     config)
     cost = jnp.where(is_img[:, None, None], phrase["cost"], cost)
     num_cols = jnp.where(is_img, phrase["num_instances"], num_cols)
   k = config.matches_per_target
@@ -545,8 +550,6 @@ def omni_loss(outputs: Mapping[str, jnp.ndarray],
     loss = loss + (config.img_weight * config.img_phrase_weight *
                    metrics["img/phrase"])
   if config.img_maxsize_weight > 0:
-    det_tokens, grd_tokens = _box_token_sets(batch, box_mask, is_det, is_grd,
-                                             candidates)
     trusted = det_tokens | grd_tokens  # [B, Q]
     probs = jax.nn.sigmoid(jax.lax.stop_gradient(logits))
     objectness = jnp.max(jnp.where(trusted[:, None, :], probs, 0.0), -1)
@@ -572,8 +575,8 @@ def omni_loss(outputs: Mapping[str, jnp.ndarray],
   return loss, metrics
 
 
-def _phrase_matching_inputs(logits, batch, candidates, box_mask, is_det,
-                            is_grd, is_img, step, config):
+def _phrase_matching_inputs(logits, batch, candidates, box_mask, det_tokens,
+                            grd_tokens, is_img, step, config):
   """The img phrase instances and their matching cost (module docstring).
 
   Returns:
@@ -593,8 +596,6 @@ def _phrase_matching_inputs(logits, batch, candidates, box_mask, is_det,
   kk = min(config.img_phrase_max_instances, m)
   phrase_targets = token_ops.candidate_targets(batch["phrase_tokens"],
                                                candidates)  # [B, P, Q]
-  det_tokens, grd_tokens = _box_token_sets(batch, box_mask, is_det, is_grd,
-                                           candidates)
   trusted = det_tokens | grd_tokens  # [B, Q]
   phrase_trusted = phrase_targets & trusted[:, None, :]  # [B, P, Q]
   active = is_img
