@@ -115,6 +115,44 @@ def mix_overrides(mix: str, base_batch: dict[str, int]) -> list[str]:
   return out + VARIANTS[variant]
 
 
+def apply_data_overrides(config, overrides: list[str]) -> list[str]:
+  """Applies the ``data.*`` entries of ``--override`` to `config` in place.
+
+  The runs get every override as a flag; the data this program prepares
+  itself (the vocabulary, the bare-token val files) must come from the same
+  generated dataset, so e.g. ``--override=data.shapes_world.seed=7`` makes
+  the token sets from seed 7's validation file too. Returns the applied keys.
+  """
+  import ast  # pylint: disable=g-import-not-at-top
+  applied = []
+  for entry in overrides:
+    key, sep, text = entry.partition("=")
+    if not sep:
+      raise ValueError(f"--override={entry!r}: use KEY=VALUE, e.g. "
+                       "loss.grd_weight=0.1.")
+    if not key.startswith("data."):
+      continue
+    *parents, leaf = key.split(".")
+    node = config
+    for name in parents:
+      node = node[name]
+    if leaf not in node:
+      raise ValueError(f"--override={entry!r}: config has no field {key}.")
+    old = node[leaf]
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    if isinstance(old, float) and isinstance(value, int):
+      value = float(value)
+    if old is not None and type(value) is not type(old):
+      raise ValueError(f"--override={entry!r}: {key} is of type "
+                       f"{type(old).__name__}, got {value!r}.")
+    node[leaf] = value
+    applied.append(key)
+  return applied
+
+
 def token_dataset(det_val: str, tokens: list[str], out_path: str) -> str:
   """det_val.json with one category per token: every box whose name has it."""
   data = json.load(open(det_val))
@@ -278,6 +316,7 @@ def main(argv):
   base.unlock()
   if f.cache_dir:
     base.data.cache_dir = f.cache_dir
+  apply_data_overrides(base, f.override)
   cache_flag = ([f"--config.data.cache_dir={f.cache_dir}"]
                 if f.cache_dir else [])
   # One vocabulary for every run, built from all three streams' annotations

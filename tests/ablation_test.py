@@ -34,6 +34,32 @@ def test_mix_overrides_keep_the_det_share_and_add_streams():
       mix(bad, base)
 
 
+def test_data_overrides_reach_the_base_config():
+  """The bare-token val files must come from the data the runs train on."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  apply = ABLATION["apply_data_overrides"]
+  config = ml_collections.ConfigDict({
+      "data": {"shapes_world": {"seed": 0, "caption_drop_fraction": 0.0},
+               "augment": {"enabled": True}},
+      "loss": {"grd_weight": 0.5}})
+  applied = apply(config, ["data.shapes_world.seed=7", "loss.grd_weight=0.1",
+                           "data.shapes_world.caption_drop_fraction=1",
+                           "data.augment.enabled=False"])
+  assert applied == ["data.shapes_world.seed",
+                     "data.shapes_world.caption_drop_fraction",
+                     "data.augment.enabled"]
+  assert config.data.shapes_world.seed == 7
+  assert config.data.shapes_world.caption_drop_fraction == 1.0
+  assert config.data.augment.enabled is False
+  assert config.loss.grd_weight == 0.5  # Not data: only the runs get it.
+  with pytest.raises(ValueError, match="no field data.shapes_world.sede"):
+    apply(config, ["data.shapes_world.sede=1"])
+  with pytest.raises(ValueError, match="of type int"):
+    apply(config, ["data.shapes_world.seed=abc"])
+  with pytest.raises(ValueError, match="KEY=VALUE"):
+    apply(config, ["data.shapes_world.seed"])
+
+
 def test_token_dataset_boxes_every_object_with_the_token(tmp_path):
   det_val = tmp_path / "det_val.json"
   det_val.write_text(json.dumps({

@@ -170,6 +170,22 @@ def test_gradients_are_finite_and_split_the_loss(report):
     assert all(math.isfinite(v) for v in per_token.values())
 
 
+def test_grad_batches_zero_skips_the_gradients_only(tiny_run, tmp_path):
+  workdir, _ = tiny_run
+  out = tmp_path / "diag.json"
+  proc = subprocess.run(
+      [sys.executable, str(TOOL), f"--workdir={workdir}", f"--out={out}",
+       "--num_batches=1", "--grad_batches=0", "--max_images=2"],
+      env=_env(), capture_output=True, text=True, timeout=600,
+      cwd=str(REPO))
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  result = json.loads(out.read_text())
+  assert result["gradients"] is None
+  assert result["candidate_roles"]["batches"] == 1
+  assert result["pointing"]  # The other sections still ran.
+  assert result["seconds"]["gradients"] < result["seconds"]["total"]
+
+
 def test_count_roles_on_a_hand_built_batch():
   tool = runpy.run_path(str(TOOL), run_name="diagnose_captions")
   # Ids: 5 = hexagon (caption-only), 6 = red (base), 7 = circle (base).

@@ -23,11 +23,18 @@ Per example b, in this order, without duplicates, 0-padded to Q:
 Masks (schema.py):
   * ``cand_known``: the token's label is known for a matched box.
     det: P_b | N_b; with ``det_batch_negatives_known`` also the batch and
-    vocabulary negatives. The default (False) is the conservative choice: a
-    token sampled from another example ("man", "left") may well be visible in
-    a COCO image without being a COCO category, so treating it as a negative
-    would teach the model to suppress true concepts. Exhaustive datasets
-    already list their known negatives in ``neg_tokens``.
+    vocabulary negatives, except those in the example's ``no_bg_tokens``
+    (tokens the image's labels say nothing about: LVIS not-exhaustive
+    categories, the colour words of a colour-jittered image). The default
+    (False) is the conservative choice: a token sampled from another example
+    ("man", "left") may well be visible in a COCO image without being a COCO
+    category, so treating it as a negative would teach the model to suppress
+    true concepts. Exhaustive datasets already list their known negatives in
+    ``neg_tokens``. True is OWL-ViT's practice (the batch's other queries
+    as negatives of every image) and the only source of negatives on
+    detection boxes for a token no detection dataset names (ShapesWorld's
+    caption-only `hexagon`, whose false positives are circles; README,
+    "Caption-only shapes need negatives on det boxes").
     grd / img: P_b | N_b as well (the loss applies its own per-stream rule;
     grounding has no known negatives, captions use all candidates in a
     softmax).
@@ -408,13 +415,16 @@ class Candidates(grain.transforms.Map):
       row += self._vocab_negatives(rng, q - len(row), used)
       cands[b, :len(row)] = row
       is_det = streams[b] == _DET
-      n_known = len(row) if is_det and self.det_batch_negatives_known \
-          else len(pos) + len(neg)
-      known[b, :n_known] = True
+      n_listed = len(pos) + len(neg)
+      known[b, :n_listed] = True
       if is_det:
         no_bg = set(batch["no_bg_tokens"][b].tolist())
         no_bg.discard(schema.PAD_ID)
-        bg[b, :n_known] = [t not in no_bg for t in row[:n_known]]
+        if self.det_batch_negatives_known:  # Sampled ones, unless unknown.
+          known[b, n_listed:len(row)] = [t not in no_bg
+                                         for t in row[n_listed:]]
+        bg[b, :len(row)] = known[b, :len(row)] & np.array(
+            [t not in no_bg for t in row], bool)
     if self.stats is not None:
       self.stats.add(dropped)
     out = {k: v for k, v in batch.items() if k != KEY}

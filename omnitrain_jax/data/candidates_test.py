@@ -77,6 +77,26 @@ def test_det_batch_negatives_known_option():
   assert out["cand_bg"][0].sum() == 9  # All but no_bg token 4.
 
 
+def test_det_batch_negatives_known_spares_unknown_tokens():
+  """A sampled token the image's no_bg_tokens lists (a jittered image's
+  colour words) is neither a known nor a background negative."""
+  batch = make_batch()
+  batch["no_bg_tokens"][0, 1:3] = [7, 9]  # Positives of grd / img.
+  out = sampler(det_batch_negatives_known=True).build(batch)
+  c, known, bg = out["candidates"][0], out["cand_known"][0], out["cand_bg"][0]
+  assert {7, 9} <= set(c.tolist())  # Batch negatives (the pool is small).
+  for t, k, g in zip(c.tolist(), known.tolist(), bg.tolist()):
+    if t in (7, 9):
+      assert not k and not g
+    elif t == 4:  # Listed (a positive): known, but never background.
+      assert k and not g
+    else:
+      assert k and g
+  # Without the option the sampled ones are unknown anyway.
+  out = sampler().build(batch)
+  assert out["cand_known"][0].sum() == 5
+
+
 def test_vocabulary_negatives_follow_counts():
   counts = np.zeros(40, np.int64)
   counts[30:33] = [1000, 10, 1]  # Only these three can be drawn.

@@ -270,12 +270,8 @@ def _chain(config: Any, info: preparation.DataInfo, *, train: bool
         for f in dataclasses.fields(transforms.AugmentConfig)
         if f.name in aug})
     if augment.color_jitter_prob:
-      if config.candidates.det_batch_negatives_known:
-        raise ValueError(
-            "data.augment.color_jitter_prob > 0 with "
-            "data.candidates.det_batch_negatives_known=True would label a "
-            "jittered image's sampled colour words as negatives of its boxes "
-            "(the new colours are unknown): set one of them off.")
+      # A jittered image lists its colour words in no_bg_tokens, which keeps
+      # them out of det_batch_negatives_known's sampled negatives too.
       color_ids = color_word_ids(info.vocab, aug.get("color_words",
                                                   transforms.COLOR_WORDS))
   return transforms.example_transforms(

@@ -256,6 +256,23 @@ def test_color_jitter_strips_the_vocabularys_colour_words_in_training(
   assert np.isin(batch["box_tokens"][grd], colors).any()
   kept = batch["box_tokens"][det][batch["box_mask"][det]]
   assert (kept > schema.UNK_ID).any(-1).all()
+  # The colour words are unknown on a jittered image: listed in no_bg_tokens
+  # (first), so no candidate of its makes them a known or background
+  # negative, even with the batch's sampled negatives known.
+  for row in batch["no_bg_tokens"][det]:
+    assert set(colors.tolist()) <= set(row.tolist())
+  assert not np.isin(batch["no_bg_tokens"][grd], colors).any()
   data.candidates.det_batch_negatives_known = True
-  with pytest.raises(ValueError, match="det_batch_negatives_known"):
-    pipeline.make_train_dataset(data, info, process_index=0, process_count=1)
+  ds = pipeline.make_train_dataset(data, info, process_index=0,
+                                   process_count=1)
+  batch = take(ds, 1)[0]
+  det = batch["stream"] == schema.STREAM_IDS["det"]
+  cands = batch["candidates"][det]
+  is_color = np.isin(cands, colors)
+  assert is_color.any()  # Sampled: other streams' positives, the vocabulary.
+  assert not (batch["cand_known"][det] & is_color).any()
+  assert not (batch["cand_bg"][det] & is_color).any()
+  # The other sampled negatives are known (the option's point).
+  sampled = (cands > schema.UNK_ID) & ~is_color & ~np.isin(
+      cands, batch["box_tokens"][det])
+  assert sampled.any() and batch["cand_known"][det][sampled].all()

@@ -617,6 +617,12 @@ class RandomCropFlip(_ExampleRandomMap):
       keep = lambda ids: ids[~np.isin(ids, self.color_ids)]
       out["box_tokens"] = [keep(t) for t in out["box_tokens"]]
       out["neg_tokens"] = keep(out["neg_tokens"])
+      # Unknown on this image: never negatives of its unmatched predictions,
+      # nor (det_batch_negatives_known) sampled negatives of its boxes.
+      # First, so a truncation to max_neg_tokens never drops them.
+      out["no_bg_tokens"] = np.concatenate([
+          self.color_ids, keep(np.asarray(out["no_bg_tokens"], np.int32))
+      ]).astype(np.int32)
       _count(out, "color_jittered", 1)
     out["image"], out["boxes"] = image, boxes
     return out
