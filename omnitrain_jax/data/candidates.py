@@ -33,8 +33,9 @@ Masks (schema.py):
     ``neg_tokens``. True is OWL-ViT's practice (the batch's other queries
     as negatives of every image) and the only source of negatives on
     detection boxes for a token no detection dataset names (ShapesWorld's
-    caption-only `hexagon`, whose false positives are circles; README,
-    "Caption-only shapes need negatives on det boxes").
+    caption-only `hexagon`, whose false positives are circles); on
+    ShapesWorld it did not lift `hexagon` and cost base AP (README,
+    "Caption-only shapes need negatives on det boxes?").
     grd / img: P_b | N_b as well (the loss applies its own per-stream rule;
     grounding has no known negatives, captions use all candidates in a
     softmax).

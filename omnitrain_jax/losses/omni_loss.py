@@ -147,7 +147,14 @@ img phrase matching (``img_phrase_weight`` > 0; 0 in `LossConfig`, on in configs
   *Loss* (`terms.img_phrase_loss`): sigmoid focal like det's, on matched
   predictions only: positive on all the phrase's tokens (`hexagon` too),
   negative on the caption's other tokens; divided by the kept matches over
-  the global batch. No box loss (captions have no boxes). The image and
+  the global batch. ``img_phrase_negatives="caption+det"`` makes the batch's
+  det box tokens that are not in the phrase negatives too -- the conflict
+  set of the cost, as det makes every other category a negative of its
+  boxes: a "hexagon" match then teaches `circle` to stay low on hexagons,
+  which no det image can (no det image has one). It assumes that a det
+  token the phrase lacks does not describe the object (true of category
+  names; a synonym or hypernym in the caption -- "a puppy" for a `dog` --
+  would be pushed down; grd-only tokens are left alone, as in the cost). No box loss (captions have no boxes). The image and
   region terms stay as they are (their weights are separate).
 
   Measured (demo config, 2000 steps, seed 0, ``img_phrase_weight=2``,
@@ -204,6 +211,7 @@ from omnitrain_jax.losses import terms
 from omnitrain_jax.losses import token_ops
 
 _MATCHERS = ("jax", "scipy")
+PHRASE_NEGATIVES = ("caption", "caption+det")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,6 +274,9 @@ class LossConfig:
       the conflict part of the phrase matching cost (0: none).
     img_phrase_cost: ``"sum"`` or ``"product"`` (`matching_cost.phrase_cost`).
     img_phrase_max_instances: phrase instances per caption (capped at M).
+    img_phrase_negatives: the negatives of a phrase-matched prediction:
+      ``"caption"`` (the caption's other tokens) or ``"caption+det"`` (also
+      the batch's det box tokens not in the phrase; module docstring).
     img_maxsize_weight: weight of Detic's max-size image-label term (0: off;
       see the module docstring).
     img_maxsize_warmup_steps: no max-size term before this step.
@@ -300,6 +311,7 @@ class LossConfig:
   img_phrase_conflict_weight: float = 1.0
   img_phrase_max_instances: int = 8
   img_phrase_cost: str = "sum"
+  img_phrase_negatives: str = "caption"
   img_maxsize_weight: float = 0.0
   img_maxsize_warmup_steps: int = 0
   img_maxsize_min_objectness: float = 0.2
@@ -343,6 +355,10 @@ class LossConfig:
     if self.img_phrase_cost not in matching_cost.PHRASE_COSTS:
       raise ValueError(f"LossConfig.img_phrase_cost={self.img_phrase_cost!r};"
                        f" use one of {matching_cost.PHRASE_COSTS}.")
+    if self.img_phrase_negatives not in PHRASE_NEGATIVES:
+      raise ValueError(f"LossConfig.img_phrase_negatives="
+                       f"{self.img_phrase_negatives!r}; expected one of "
+                       f"{PHRASE_NEGATIVES}.")
     if self.img_maxsize_weight < 0:
       raise ValueError(f"LossConfig.img_maxsize_weight="
                        f"{self.img_maxsize_weight} must be >= 0 (0: off).")
@@ -537,8 +553,11 @@ def omni_loss(outputs: Mapping[str, jnp.ndarray],
     p_assign *= is_img[:, None, None] & (
         phrase["trusted_prob"] >= config.img_phrase_min_trusted_prob)
     p_assign = jax.lax.stop_gradient(p_assign)  # [B, N, K]
+    phrase_negatives = cap_targets
+    if config.img_phrase_negatives == "caption+det":
+      phrase_negatives = cap_targets | det_tokens  # phrase tokens stay pos.
     img_phrase = terms.img_phrase_loss(
-        logits, p_assign, phrase["targets"], cap_targets, cand_valid,
+        logits, p_assign, phrase["targets"], phrase_negatives, cand_valid,
         focal_alpha=config.focal_alpha, focal_gamma=config.focal_gamma)
     num_matches = p_assign.sum()
     metrics["img/phrase"] = stream_mean(img_phrase, is_img, num_matches)

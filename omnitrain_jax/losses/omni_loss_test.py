@@ -739,6 +739,34 @@ def test_phrase_matching_picks_the_unexplained_object(form):
   assert g[2, col[STAR]] < 0 and np.all(np.delete(g, 2, axis=0) == 0)
 
 
+def test_phrase_negatives_caption_plus_det_adds_the_batch_det_tokens():
+  batch = phrase_batch()
+  out, col = scene_outputs(batch)
+  _, m0, g0 = run_at(out, batch, PHRASE)
+  config = dataclasses.replace(PHRASE, img_phrase_negatives="caption+det")
+  _, m1, g1 = run_at(out, batch, config)
+  g0, g1 = np.asarray(g0["pred_logits"][1]), np.asarray(g1["pred_logits"][1])
+  # Same matches; DOG (a det box token of the batch, not in the caption)
+  # becomes a negative of both matched patches, BLUE (no box's) does not.
+  assert m1["img/phrase_matches"] == m0["img/phrase_matches"] == 2
+  assert np.all(g0[:, col[DOG]] == 0)
+  assert g1[1, col[DOG]] > 0 and g1[2, col[DOG]] > 0
+  assert np.all(g1[[0, 3, 4, 5]] == 0) and np.all(g1[:, col[BLUE]] == 0)
+  # The phrase's own tokens keep their sign (RED is a det token too).
+  for patch, toks in ((2, (RED, STAR)), (1, (RED, CIRCLE))):
+    for t in toks:
+      assert g1[patch, col[t]] < 0
+  # The caption's tokens get the same gradient as without the option.
+  caption_cols = [col[RED], col[STAR], col[CIRCLE]]
+  np.testing.assert_allclose(g1[:, caption_cols], g0[:, caption_cols],
+                             rtol=1e-5)
+  # The det example is untouched.
+  _, _, d0 = run_at(out, batch, PHRASE)
+  _, _, d1 = run_at(out, batch, config)
+  np.testing.assert_array_equal(np.asarray(d0["pred_logits"][0]),
+                                np.asarray(d1["pred_logits"][0]))
+
+
 def test_phrase_matching_gates_warmup_untrusted_and_low_probability():
   batch = phrase_batch()
   out, col = scene_outputs(batch)
@@ -823,6 +851,7 @@ def test_phrase_config_errors():
   for bad in (dict(img_phrase_weight=-1.0),
               dict(img_phrase_min_trusted_prob=1.5),
               dict(img_phrase_max_instances=0),
-              dict(img_phrase_cost="mean")):
+              dict(img_phrase_cost="mean"),
+              dict(img_phrase_negatives="batch")):
     with pytest.raises(ValueError, match="img_phrase"):
       omni_loss_lib.LossConfig(**bad)

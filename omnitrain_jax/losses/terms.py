@@ -232,15 +232,17 @@ def img_region_loss(logits: jnp.ndarray, cap_targets: jnp.ndarray,
 
 
 def img_phrase_loss(logits: jnp.ndarray, assign: jnp.ndarray,
-                    inst_targets: jnp.ndarray, cap_targets: jnp.ndarray,
+                    inst_targets: jnp.ndarray, negatives: jnp.ndarray,
                     cand_valid: jnp.ndarray, *, focal_alpha: float,
                     focal_gamma: float) -> jnp.ndarray:
   """Sigmoid focal loss of the predictions matched to caption phrases (img).
 
   A prediction matched to a phrase instance is positive on all the phrase's
   tokens (the untrusted ones too: that is what teaches `hexagon`) and
-  negative on the caption's other tokens; unmatched predictions get nothing
-  (captions name no background and, on real data, not every object).
+  negative on the other tokens of ``negatives`` (`omni_loss`: the caption's
+  tokens, optionally the batch's det tokens); unmatched predictions get
+  nothing (captions name no background and, on real data, not every
+  object).
 
   Args:
     logits: float ``[B, N, Q]`` token logits (pad candidates zeroed).
@@ -248,7 +250,9 @@ def img_phrase_loss(logits: jnp.ndarray, assign: jnp.ndarray,
       (gated: dropped matches are 0).
     inst_targets: bool ``[B, K, Q]``, the candidate tokens of each instance's
       phrase.
-    cap_targets: bool ``[B, Q]``, the caption's candidate tokens.
+    negatives: bool ``[B, Q]``, the tokens a matched prediction is scored
+      on besides its phrase's (those in the phrase stay positives): the
+      caption's candidate tokens, optionally more.
     cand_valid: bool ``[B, Q]``, the non-padding candidates.
     focal_alpha: focal alpha.
     focal_gamma: focal gamma.
@@ -258,7 +262,7 @@ def img_phrase_loss(logits: jnp.ndarray, assign: jnp.ndarray,
   """
   matched = _matched(assign)  # [B, N]
   positive = _matched_positives(assign, inst_targets)  # [B, N, Q]
-  weight = matched[..., None] & (positive | cap_targets[:, None, :])
+  weight = matched[..., None] & (positive | negatives[:, None, :])
   weight &= cand_valid[:, None, :]
   focal = token_ops.sigmoid_focal(logits, positive.astype(jnp.float32),
                                   focal_alpha, focal_gamma)
