@@ -154,8 +154,9 @@ img phrase matching (``img_phrase_weight`` > 0; 0 in `LossConfig`, on in configs
   which no det image can (no det image has one). It assumes that a det
   token the phrase lacks does not describe the object (true of category
   names; a synonym or hypernym in the caption -- "a puppy" for a `dog` --
-  would be pushed down; grd-only tokens are left alone, as in the cost). No box loss (captions have no boxes). The image and
-  region terms stay as they are (their weights are separate).
+  would be pushed down; grd-only tokens are left alone, as in the cost).
+  No box loss (captions have no boxes). The image and region terms stay as
+  they are (their weights are separate).
 
   Measured (demo config, 2000 steps, seed 0, ``img_phrase_weight=2``,
   ``img_phrase_warmup_steps=500``, the other phrase fields at their
