@@ -172,6 +172,23 @@ img phrase matching (``img_phrase_weight`` > 0; 0 in `LossConfig`, on in configs
   or grd box ever trained the box head on that colour and this term has no
   box loss; its matches then land off-object.
 
+img self-training (``img_phrase_unmatched_weight`` > 0; off by default and in
+  configs/). OWL-ST (Minderer et al., 2023) trains on a teacher's confident,
+  caption-filtered pseudo-boxes with the detection loss, so every other
+  prediction is a negative of the pseudo-label vocabulary. Here the
+  pseudo-boxes are this step's kept phrase matches (no teacher copy, so no
+  box targets: in-step pseudo-boxes are the student's own boxes), and the
+  missing half is the negatives: in an img example whose caption the
+  matches fully explain -- every instance it names has a kept match -- each
+  unmatched prediction is negative on the caption's tokens
+  (`terms.img_unmatched_loss`), as det's unmatched predictions are on the
+  image's labels. That gives caption-only words the background negatives no
+  other stream gives them. It assumes what det assumes of its labels: an
+  object the caption does not name is not one of its words (wrong for a
+  second, unnamed dog; ShapesWorld's ``caption_drop_fraction`` measures
+  it). Divided by the kept matches over the global batch, like the phrase
+  term, and weighted relative to it.
+
 img max-size (``img_maxsize_weight`` > 0; off by default and in configs/)
   Detic's max-size image-label loss, the cheaper baseline of phrase
   matching: each caption image gives *all* its caption tokens to one
@@ -278,6 +295,9 @@ class LossConfig:
     img_phrase_negatives: the negatives of a phrase-matched prediction:
       ``"caption"`` (the caption's other tokens) or ``"caption+det"`` (also
       the batch's det box tokens not in the phrase; module docstring).
+    img_phrase_unmatched_weight: weight (relative to the phrase term) of
+      the negatives of unmatched predictions in images whose caption the
+      matches fully explain (0: off; module docstring, "Self-training").
     img_maxsize_weight: weight of Detic's max-size image-label term (0: off;
       see the module docstring).
     img_maxsize_warmup_steps: no max-size term before this step.
@@ -313,6 +333,7 @@ class LossConfig:
   img_phrase_max_instances: int = 8
   img_phrase_cost: str = "sum"
   img_phrase_negatives: str = "caption"
+  img_phrase_unmatched_weight: float = 0.0
   img_maxsize_weight: float = 0.0
   img_maxsize_warmup_steps: int = 0
   img_maxsize_min_objectness: float = 0.2
@@ -360,6 +381,10 @@ class LossConfig:
       raise ValueError(f"LossConfig.img_phrase_negatives="
                        f"{self.img_phrase_negatives!r}; expected one of "
                        f"{PHRASE_NEGATIVES}.")
+    if self.img_phrase_unmatched_weight < 0:
+      raise ValueError(f"LossConfig.img_phrase_unmatched_weight="
+                       f"{self.img_phrase_unmatched_weight} must be >= 0 "
+                       "(0: off).")
     if self.img_maxsize_weight < 0:
       raise ValueError(f"LossConfig.img_maxsize_weight="
                        f"{self.img_maxsize_weight} must be >= 0 (0: off).")
@@ -445,7 +470,10 @@ def omni_loss(outputs: Mapping[str, jnp.ndarray],
     ``img/phrase`` (the unweighted term), ``img/phrase_instances`` (phrase
     instances with a trusted token), ``img/phrase_matches`` (kept matches)
     and ``img/phrase_trusted_prob`` (their mean trusted-token probability,
-    the geometric mean over each phrase's trusted tokens). With max-size
+    the geometric mean over each phrase's trusted tokens); with
+    ``img_phrase_unmatched_weight`` > 0 also ``img/phrase_unmatched``
+    (unweighted) and ``img/phrase_explained`` (img examples whose caption
+    the matches fully explain). With max-size
     on also ``img/maxsize`` (unweighted) and ``img/maxsize_chosen`` (img
     examples with a chosen proposal).
   """
@@ -569,6 +597,22 @@ def omni_loss(outputs: Mapping[str, jnp.ndarray],
         p_assign * phrase["trusted_prob"]) / jnp.maximum(num_matches, 1.0)
     loss = loss + (config.img_weight * config.img_phrase_weight *
                    metrics["img/phrase"])
+    if config.img_phrase_unmatched_weight > 0:
+      # Explained: every instance the caption names has a kept match (a
+      # phrase without a trusted token, a count over the instance cap or a
+      # gated match leaves an object unaccounted for, so no negatives).
+      named = jnp.sum(jnp.maximum(batch["phrase_counts"], 0), -1)  # [B]
+      kept = p_assign.sum((1, 2))  # [B]
+      explained = is_img & (named > 0) & (kept == named)
+      unmatched = terms.img_unmatched_loss(
+          logits, p_assign, cap_targets, explained, cand_valid,
+          focal_alpha=config.focal_alpha, focal_gamma=config.focal_gamma)
+      metrics["img/phrase_unmatched"] = stream_mean(unmatched, explained,
+                                                    num_matches)
+      metrics["img/phrase_explained"] = jnp.sum(explained).astype(f32)
+      loss = loss + (config.img_weight * config.img_phrase_weight *
+                     config.img_phrase_unmatched_weight *
+                     metrics["img/phrase_unmatched"])
   if config.img_maxsize_weight > 0:
     trusted = det_tokens | grd_tokens  # [B, Q]
     probs = jax.nn.sigmoid(jax.lax.stop_gradient(logits))

@@ -269,6 +269,40 @@ def img_phrase_loss(logits: jnp.ndarray, assign: jnp.ndarray,
   return jnp.where(weight, focal, 0.0).sum((1, 2))
 
 
+def img_unmatched_loss(logits: jnp.ndarray, assign: jnp.ndarray,
+                       negatives: jnp.ndarray, explained: jnp.ndarray,
+                       cand_valid: jnp.ndarray, *, focal_alpha: float,
+                       focal_gamma: float) -> jnp.ndarray:
+  """Sigmoid focal loss of the predictions *not* matched to a phrase (img).
+
+  OWL-ST's detection loss on pseudo-boxes, with this step's phrase matches
+  as the pseudo-boxes: in an image whose caption is fully explained (every
+  instance it names has a kept match, `omni_loss`), every other prediction
+  is negative on the caption's tokens, as det makes an unmatched prediction
+  negative on the image's labels. Matched predictions and images that are
+  not explained get nothing here.
+
+  Args:
+    logits: float ``[B, N, Q]`` token logits (pad candidates zeroed).
+    assign: float ``[B, N, K]`` 0/1 kept matching of predictions to
+      instances.
+    negatives: bool ``[B, Q]``, the tokens an unmatched prediction is
+      negative on (the caption's candidate tokens).
+    explained: bool ``[B]``, the examples the term applies to.
+    cand_valid: bool ``[B, Q]``, the non-padding candidates.
+    focal_alpha: focal alpha.
+    focal_gamma: focal gamma.
+
+  Returns:
+    float ``[B]``, summed over predictions and candidates.
+  """
+  unmatched = ~_matched(assign) & explained[:, None]  # [B, N]
+  weight = unmatched[..., None] & (negatives & cand_valid)[:, None, :]
+  focal = token_ops.sigmoid_focal(logits, jnp.zeros_like(logits),
+                                  focal_alpha, focal_gamma)
+  return jnp.where(weight, focal, 0.0).sum((1, 2))
+
+
 def img_maxsize_choice(pred_boxes: jnp.ndarray, objectness: jnp.ndarray,
                        min_objectness: float) -> tuple[jnp.ndarray, jnp.ndarray]:
   """Detic's max-size proposal of each image: its largest confident box.

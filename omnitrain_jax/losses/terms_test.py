@@ -259,3 +259,36 @@ def test_img_phrase_loss_by_hand():
            focal(logits[0, 1, 2], 0) + focal(logits[0, 3, 2], 1) +
            focal(logits[0, 3, 0], 0) + focal(logits[0, 3, 1], 0))
   np.testing.assert_allclose(got, [want0, 0.0], rtol=1e-5)
+
+
+def test_img_unmatched_loss_by_hand():
+  logits = _logits(4)
+  assign = np.zeros((B, N, 2), np.float32)
+  assign[0, 1, 0] = assign[1, 2, 1] = 1
+  cap = np.zeros((B, Q), bool)
+  cap[0, [0, 2, 3]] = True
+  cap[1, [1]] = True
+  valid = np.ones((B, Q), bool)
+  valid[0, 3] = False  # A pad candidate takes no part.
+
+  def loss(explained):
+    return terms.img_unmatched_loss(
+        jnp.asarray(logits), jnp.asarray(assign), jnp.asarray(cap),
+        jnp.asarray(explained), jnp.asarray(valid), focal_alpha=0.25,
+        focal_gamma=2.0)
+
+  def focal0(x):
+    return float(token_ops.sigmoid_focal(jnp.float32(x), jnp.float32(0),
+                                         0.25, 2.0))
+  # Example 0: predictions 0, 2, 3 (1 is matched) on caption tokens 0, 2.
+  want0 = sum(focal0(logits[0, n, q]) for n in (0, 2, 3) for q in (0, 2))
+  np.testing.assert_allclose(loss([True, False]), [want0, 0.0], rtol=1e-5)
+  want1 = sum(focal0(logits[1, n, 1]) for n in (0, 1, 3))
+  np.testing.assert_allclose(loss([True, True]), [want0, want1], rtol=1e-5)
+  # Invariant to the order of the predictions.
+  perm = np.array([2, 0, 3, 1])
+  got = terms.img_unmatched_loss(
+      jnp.asarray(logits[:, perm]), jnp.asarray(assign[:, perm]),
+      jnp.asarray(cap), jnp.asarray([True, True]), jnp.asarray(valid),
+      focal_alpha=0.25, focal_gamma=2.0)
+  np.testing.assert_allclose(got, [want0, want1], rtol=1e-5)
