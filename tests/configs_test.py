@@ -12,7 +12,8 @@ CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 VARIANTS = [("shapes_demo.py", None), ("shapes_demo.py", "tiny"),
             ("omnidet_b16.py", None), ("omnidet_b16.py", "shapes"),
             ("finetune.py", None), ("finetune.py", "tiny"),
-            ("finetune.py", "b16")]
+            ("finetune.py", "b16"),
+            ("shapes_selftrain.py", "/tmp/pseudo_boxes.json")]
 
 
 @pytest.mark.parametrize("name,variant", VARIANTS)

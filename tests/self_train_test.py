@@ -1,0 +1,101 @@
+"""experiments/self_train.py (pseudo-boxes) and configs/shapes_selftrain.py."""
+
+import collections
+import json
+import os
+import pathlib
+import runpy
+import subprocess
+import sys
+
+import pytest
+
+import binaries  # tests/binaries.py
+from omnitrain_jax.vocab import tokenizer as tokenizer_lib
+from omnitrain_jax.vocab import vocabulary as vocabulary_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TOOL = REPO / "experiments" / "self_train.py"
+ST = runpy.run_path(str(TOOL), run_name="self_train")
+
+
+def _det(query, score, box):
+  return {"query": query, "score": score, "box_xywh": box}
+
+
+def test_select_keeps_counts_threshold_and_no_overlap():
+  dets = [
+      _det("red hexagon", 0.9, [0, 0, 10, 10]),
+      _det("red hexagon", 0.8, [1, 0, 10, 10]),  # Overlaps the first.
+      _det("red hexagon", 0.7, [40, 40, 10, 10]),
+      _det("red hexagon", 0.6, [80, 80, 10, 10]),  # Count (2) used up.
+      _det("blue circle", 0.85, [0, 1, 10, 10]),  # On the kept hexagon.
+      _det("blue circle", 0.5, [60, 0, 10, 10]),
+      _det("blue circle", 0.2, [90, 0, 5, 5]),  # Below the threshold.
+      _det("pink ring", 0.95, [20, 20, 5, 5]),  # Not in the caption.
+  ]
+  kept = ST["select"](dets, {"red hexagon": 2, "blue circle": 2}, 0.3)
+  assert [(d["query"], d["score"]) for d in kept] == [
+      ("red hexagon", 0.9), ("red hexagon", 0.7), ("blue circle", 0.5)]
+  assert ST["select"](dets, {}, 0.0) == []
+
+
+def test_phrase_names_keep_name_words_and_counts(tiny_run):
+  workdir, _ = tiny_run
+  vocab = vocabulary_lib.Vocabulary.load(os.path.join(workdir, "vocab.txt"))
+  tok = tokenizer_lib.Tokenizer(vocab)
+  words = {"red", "blue", "pink", "hexagon", "circle", "square"}
+  got = ST["phrase_names"](
+      tok, "two large red hexagons on the left, a blue circle and a dog",
+      words)
+  # Size and place words are dropped; "the left" and "a dog" have no name.
+  assert got == [("red hexagon", 2), ("blue circle", 1)]
+
+
+def test_command_line_writes_a_det_source_the_student_config_reads(
+    tiny_run, tmp_path):
+  workdir, data_root = tiny_run
+  out = tmp_path / "pseudo.json"
+  captions = data_root / "img_train.json"
+  proc = subprocess.run(
+      [sys.executable, str(TOOL), f"--teacher={workdir}",
+       f"--captions={captions}", f"--image_dir={data_root / 'images'}",
+       f"--out={out}", "--max_images=6", "--threshold=0.0"],
+      env=binaries.subprocess_env(), capture_output=True, text=True,
+      timeout=300, cwd=str(REPO))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  summary = json.loads(proc.stdout[proc.stdout.index("{"):])
+  pseudo = json.loads(out.read_text())
+  assert summary["images"] == 6
+  assert summary["boxes"] == len(pseudo["annotations"]) > 0
+  assert summary["images_with_boxes"] == len(pseudo["images"])
+  # Every box is a name of its own image's caption, within its count.
+  vocab = vocabulary_lib.Vocabulary.load(os.path.join(workdir, "vocab.txt"))
+  tok = tokenizer_lib.Tokenizer(vocab)
+  words = set(ST["_DEFAULT_NAME_WORDS"])
+  caps = collections.defaultdict(list)
+  for a in json.loads(captions.read_text())["annotations"]:
+    caps[a["image_id"]].append(a["caption"])
+  names = {c["id"]: c["name"] for c in pseudo["categories"]}
+  per_image = collections.defaultdict(collections.Counter)
+  for a in pseudo["annotations"]:
+    per_image[a["image_id"]][names[a["category_id"]]] += 1
+    assert len(a["bbox"]) == 4 and a["bbox"][2] > 0 and a["bbox"][3] > 0
+  for image_id, counts in per_image.items():
+    (caption,) = caps[image_id]
+    wanted = collections.Counter()
+    for name, count in ST["phrase_names"](tok, caption, words):
+      wanted[name] += count
+    for name, n in counts.items():
+      assert n <= wanted[name], (caption, name, n)
+  # File names resolve in the dataset's image folder, as for the captions.
+  for im in pseudo["images"]:
+    assert (data_root / "images" / im["file_name"]).exists()
+  # The student config adds the file as a det source.
+  get_config = runpy.run_path(str(REPO / "configs" /
+                                  "shapes_selftrain.py"))["get_config"]
+  config = get_config(str(out))
+  assert config.data.sources.det.pseudo.train == str(out)
+  assert config.data.sources.det.shapes_det.weight == 1.0
+  with pytest.raises(ValueError, match="pseudo-box file"):
+    get_config(None)
