@@ -40,6 +40,36 @@ def test_select_keeps_counts_threshold_and_no_overlap():
   assert ST["select"](dets, {}, 0.0) == []
 
 
+def test_captions_from_instances_and_the_check_by_hand():
+  gt = {"images": [{"id": 1}, {"id": 2}],
+        "categories": [{"id": 1, "name": "red hexagon"},
+                       {"id": 2, "name": "blue circle"}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10]},
+            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [50, 0, 10, 10]},
+            {"id": 3, "image_id": 1, "category_id": 2, "bbox": [0, 50, 10, 10]},
+            {"id": 4, "image_id": 2, "category_id": 2, "bbox": [0, 0, 20, 20]},
+        ]}
+  caps = ST["captions_from_instances"](gt)["annotations"]
+  assert [c["caption"] for c in caps] == [
+      "a blue circle and two red hexagons", "a blue circle"]
+  pseudo = {"categories": [{"id": 7, "name": "red hexagon"},
+                           {"id": 8, "name": "blue circle"}],
+            "annotations": [
+                {"image_id": 1, "category_id": 7, "bbox": [0, 0, 10, 10]},
+                {"image_id": 1, "category_id": 7, "bbox": [0, 50, 10, 10]},
+                {"image_id": 2, "category_id": 8, "bbox": [1, 1, 20, 20]}]}
+  check = ST["check_against"](gt, pseudo)
+  # One of the two hexagon boxes is on a red hexagon (the other on the
+  # circle); the circle box of image 2 has IoU 0.82; image 1's circle and
+  # one hexagon are not found.
+  assert check["hexagon"] == {"boxes": 2, "precision": 0.5, "objects": 2,
+                              "recall": 0.5}
+  assert check["circle"] == {"boxes": 1, "precision": 1.0, "objects": 2,
+                             "recall": 0.5}
+  assert check["red"]["precision"] == 0.5
+
+
 def test_phrase_names_keep_name_words_and_counts(tiny_run):
   workdir, _ = tiny_run
   vocab = vocabulary_lib.Vocabulary.load(os.path.join(workdir, "vocab.txt"))
