@@ -13,7 +13,8 @@ VARIANTS = [("shapes_demo.py", None), ("shapes_demo.py", "tiny"),
             ("omnidet_b16.py", None), ("omnidet_b16.py", "shapes"),
             ("finetune.py", None), ("finetune.py", "tiny"),
             ("finetune.py", "b16"),
-            ("shapes_selftrain.py", "/tmp/pseudo_boxes.json")]
+            ("shapes_selftrain.py", "/tmp/pseudo_boxes.json"),
+            ("shapes_oracle.py", "pink")]
 
 
 @pytest.mark.parametrize("name,variant", VARIANTS)
@@ -59,3 +60,13 @@ def test_finetune_batch_size_follows_the_replay_share():
   assert config.data.sources.det.shapes_det.weight == 0.0  # Evaluated only.
   assert config.data.sources.det.custom.reader == "coco_instances"
 
+
+
+def test_oracle_keeps_only_the_named_caption_only_words():
+  get = runpy.run_path(str(CONFIGS / "shapes_oracle.py"))["get_config"]
+  assert get("pink").data.shapes_world.img_novel_tokens == ("pink",)
+  assert get("").data.shapes_world.img_novel_tokens == ()
+  demo = runpy.run_path(str(CONFIGS / "shapes_demo.py"))["get_config"](None)
+  oracle = get("pink")
+  for section in ("model", "loss", "optimizer"):
+    assert oracle[section].to_dict() == demo[section].to_dict(), section
