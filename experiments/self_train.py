@@ -64,22 +64,27 @@ from omnitrain_jax.vocab import phrases as phrases_lib  # pylint: disable=g-impo
 
 _DEFAULT_NAME_WORDS = (*shapes_world.COLORS, *shapes_world.SHAPES)
 
-flags.DEFINE_string("teacher", None, "The teacher's training run (workdir).")
-flags.DEFINE_string("captions", None, "COCO captions file of the images.")
-flags.DEFINE_string("gt", None, "Optional COCO instances file of the same "
-                    "images: the summary adds each name word's pseudo-box "
-                    "precision and recall at IoU 0.5 (a teacher check).")
-flags.DEFINE_bool("captions_from_gt", False, "Caption every --gt image by "
-                  "listing its objects (\"two red circles and a blue "
-                  "star\") instead of reading --captions.")
-flags.DEFINE_string("image_dir", None, "Folder the file names resolve in.")
-flags.DEFINE_string("out", None, "Output COCO instances file.")
-flags.DEFINE_float("threshold", 0.3, "Minimum teacher score of a kept box.")
-flags.DEFINE_list("name_words", list(_DEFAULT_NAME_WORDS),
-                  "Tokens that make a phrase's name (others are dropped).")
-flags.DEFINE_integer("batch_size", 32, "Images per predictor batch.")
-flags.DEFINE_integer("max_images", 0, "Only the first N images (0: all).")
-flags.mark_flags_as_required(["teacher", "image_dir", "out"])
+def _define_flags() -> None:
+  """Flags exist only when this file runs as the program (tests import it
+  next to other flag-defining modules)."""
+  flags.DEFINE_string("teacher", None, "The teacher's training run (workdir).")
+  flags.DEFINE_string("captions", None, "COCO captions file of the images.")
+  flags.DEFINE_string("gt", None, "Optional COCO instances file of the same "
+                      "images: the summary adds each name word's pseudo-box "
+                      "precision and recall at IoU 0.5 (a teacher check).")
+  flags.DEFINE_bool("captions_from_gt", False, "Caption every --gt image by "
+                    "listing its objects (\"two red circles and a blue "
+                    "star\") instead of reading --captions.")
+  flags.DEFINE_string("image_dir", None, "Folder the file names resolve in.")
+  flags.DEFINE_string("out", None, "Output COCO instances file.")
+  flags.DEFINE_float("threshold", 0.3, "Minimum teacher score of a kept box.")
+  flags.DEFINE_list("name_words", list(_DEFAULT_NAME_WORDS),
+                    "Tokens that make a phrase's name (others are dropped).")
+  flags.DEFINE_integer("batch_size", 32, "Images per predictor batch.")
+  flags.DEFINE_integer("max_images", 0, "Only the first N images (0: all).")
+  flags.mark_flags_as_required(["teacher", "image_dir", "out"])
+
+
 _NUMBERS = ("a", "two", "three", "four", "five", "six", "seven", "eight",
             "nine", "ten")
 
@@ -261,4 +266,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
