@@ -12,7 +12,7 @@ det's loss: box regression, positives on their names, and every other
 prediction and name a negative, as OWL-ST trains on pseudo-annotations):
 
     python experiments/ablation.py \
-        --config=configs/shapes_demo.py:selftrain=runs/pseudo/img_train_pseudo.json \
+        --config=configs/shapes_selftrain.py:runs/pseudo/img_train_pseudo.json \
         --out=runs/student --mixes=det+grd+img --per_token
 
 Minderer et al. (2023, OWL-ST / OWLv2) label web images with a trained
@@ -58,11 +58,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from omnitrain_jax import runtime  # pylint: disable=g-import-not-at-top,wrong-import-position
 from omnitrain_jax.data import shapes_world  # pylint: disable=g-import-not-at-top,wrong-import-position
+from omnitrain_jax.evaluation import detections as detections_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from omnitrain_jax.evaluation import grounding_metrics  # pylint: disable=g-import-not-at-top,wrong-import-position
 from omnitrain_jax.evaluation import predictor as predictor_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from omnitrain_jax.evaluation import queries as queries_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from omnitrain_jax.vocab import phrases as phrases_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _DEFAULT_NAME_WORDS = (*shapes_world.COLORS, *shapes_world.SHAPES)
+
 
 def _define_flags() -> None:
   """Flags exist only when this file runs as the program (tests import it
@@ -103,12 +106,8 @@ def phrase_names(tokenizer, caption: str, name_words: set[str]
 
 def _iou(a, b) -> float:
   """IoU of two xywh boxes."""
-  ax1, ay1, bx1, by1 = a[0] + a[2], a[1] + a[3], b[0] + b[2], b[1] + b[3]
-  iw = max(0.0, min(ax1, bx1) - max(a[0], b[0]))
-  ih = max(0.0, min(ay1, by1) - max(a[1], b[1]))
-  inter = iw * ih
-  union = a[2] * a[3] + b[2] * b[3] - inter
-  return inter / union if union > 0 else 0.0
+  xyxy = detections_lib.xywh_to_xyxy(np.asarray([a, b], np.float64))
+  return float(grounding_metrics.box_iou(xyxy[:1], xyxy[1:])[0, 0])
 
 
 def select(dets: list[dict], wanted: dict[str, int], threshold: float,
