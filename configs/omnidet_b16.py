@@ -132,6 +132,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # captions (their phrases come from vocab/phrases.py's chunker).
   config.loss.img_phrase_weight = 2.0
   config.loss.img_phrase_warmup_steps = 10_000
+  # In-run self-training (config.self_train, README "Self-training") stays
+  # off here: its labelling runs on one process, and this config is for
+  # pods. On one host: --config.self_train.steps='(60000,80000)' with
+  # --config.self_train.max_images (a subset of the caption images). On a
+  # pod: label offline (experiments/self_train.py on a checkpoint) and add
+  # the file as a det source (configs/shapes_selftrain.py shows how).
   config.optimizer.learning_rate = 2e-4
   config.optimizer.backbone_lr_multiplier = 0.25  # 5e-5, OWL-ViT's rate.
   config.optimizer.warmup_steps = 1000

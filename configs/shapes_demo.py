@@ -16,6 +16,7 @@ Variants: ``None`` (default, 128 px, 16 = 12 det + 2 grd + 2 img) and ``tiny``
 import ml_collections
 
 from omnitrain_jax import config_lib
+from omnitrain_jax.data import shapes_world
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -46,6 +47,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       batch_size=sum(config.data.batch.values()), model=model)
   # From scratch (no pretrained backbone): the backbone trains at full rate.
   config.optimizer.backbone_lr_multiplier = 1.0
+  # Self-training's names: colour and shape words (size and place words are
+  # not det labels).
+  config.self_train.name_words = (*shapes_world.COLORS, *shapes_world.SHAPES)
   # 1e-3 beat 5e-4 and 2e-3 here (README: "What the demo reaches here").
   config.optimizer.learning_rate = 1e-3
   if tiny:

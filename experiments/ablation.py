@@ -23,6 +23,8 @@ their shares on top):
                           jitter of half the det images
                           (``data.augment.color_jitter_prob=0``: the recipe
                           before it)
+  det+grd+img/no_selftrain all three, without the config's in-run
+                          self-training (``self_train.steps=()``)
   det+grd+img/maxsize     all three, Detic's max-size image-label loss
                           instead of phrase matching (not in the default
                           mixes)
@@ -92,6 +94,7 @@ VARIANTS = {
     "no_phrase": ["--config.loss.img_phrase_weight=0"],
     "partial": ["--config.data.shapes_world.caption_drop_fraction=0.5"],
     "no_jitter": ["--config.data.augment.color_jitter_prob=0"],
+    "no_selftrain": ["--config.self_train.steps=()"],
     # Detic's max-size image-label loss in place of phrase matching, with
     # phrase matching's weight and warm-up.
     "maxsize": ["--config.loss.img_phrase_weight=0",

@@ -200,6 +200,18 @@ def add_training_sections(config: ml_collections.ConfigDict, *,
   eval_fields["max_batches"] = ml_collections.FieldReference(None, field_type=int)
   config.eval = ml_collections.ConfigDict(eval_fields)
   config.max_consecutive_nonfinite = 5
+  # Self-training (OWL-ST; omnitrain_jax/self_training.py): at each of
+  # `steps` (values below 1: fractions of total_steps, so (0.6, 0.8) labels
+  # at 60% and 80% of any run length) the run labels the caption images
+  # with its current model
+  # (caption-filtered boxes scoring >= threshold) and mixes them into the
+  # det stream as source "pseudo" (weight against the det sources' weights).
+  # name_words: the tokens a phrase's name keeps (empty: all); source: the
+  # img source to label (empty: all); max_images: a fixed random subset (0:
+  # all images). () = off.
+  config.self_train = ml_collections.ConfigDict(dict(
+      steps=(), threshold=0.3, weight=0.5, name_words=(), source="",
+      max_images=0, batch_size=32))
   # After SIGTERM, how long a wait for the input pipeline may go on before the
   # run stops without saving (a stalled source); see train.py "Stops".
   config.stop_grace_secs = 5.0

@@ -38,6 +38,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import os
 import time
@@ -56,13 +57,16 @@ from omnitrain_jax import metric_writers
 from omnitrain_jax import model_setup
 from omnitrain_jax import progress
 from omnitrain_jax import runtime
+from omnitrain_jax import self_training
 from omnitrain_jax import sharding
 from omnitrain_jax import workdir as workdir_lib
 from omnitrain_jax.data import candidates as candidates_lib
 from omnitrain_jax.data import pipeline
 from omnitrain_jax.data import preparation
+from omnitrain_jax.data import sources as sources_lib
 from omnitrain_jax.data import stats as stats_lib
 from omnitrain_jax.evaluation import evaluator as evaluator_lib
+from omnitrain_jax.evaluation import predictor as predictor_lib
 from omnitrain_jax.models import pretrained
 
 
@@ -81,6 +85,15 @@ def check_config(config) -> None:
   for name in ("total_steps", "log_every_steps", "checkpoint_every_steps"):
     if int(config[name]) < 1:
       raise ValueError(f"config.{name}={config[name]} must be >= 1.")
+  steps = tuple((config.get("self_train") or {}).get("steps") or ())
+  if steps:
+    self_training.resolve_steps(steps, int(config.total_steps))
+    if jax.process_count() > 1:
+      raise ValueError(
+          f"config.self_train.steps={steps} labels on one process, and this "
+          f"run has {jax.process_count()}. On several hosts, label offline "
+          "(experiments/self_train.py on a checkpoint) and add the file as a "
+          "det source (configs/shapes_selftrain.py shows how).")
 
 
 def batch_fingerprint(local_batch) -> float:
@@ -191,6 +204,31 @@ def _check_nonfinite(history, first_step: int, limit: int, run: int) -> int:
   return run
 
 
+def _label(config, info, setup, state, step: int, workdir: str) -> str:
+  """Self-training's pseudo-boxes of `step` (`self_training.label_run`)."""
+  st = config.self_train
+  specs = info.sources["img"]
+  if st.get("source"):
+    if st.source not in specs:
+      raise ValueError(f"config.self_train.source={st.source!r} is not an img "
+                       f"source; the img sources are {sorted(specs)}.")
+    specs = {st.source: specs[st.source]}
+  if not specs:
+    raise ValueError("config.self_train.steps is set but the run has no img "
+                     "(caption) source to label; add one or set "
+                     "config.self_train.steps=().")
+  records = []
+  for spec in specs.values():
+    src = sources_lib.open_source(spec, "train", strict=config.data.strict)
+    records.extend(src[i] for i in range(len(src)))
+  predictor = predictor_lib.Predictor(
+      model=setup.model, params=state.params, mesh=setup.mesh,
+      param_shardings=setup.param_shardings, rules=setup.rules,
+      tokenizer=info.tokenizer, step=step)
+  return self_training.label_run(predictor, records, config=st,
+                                 seed=config.seed, workdir=workdir)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (resuming if `workdir` has a checkpoint); returns the last metrics.
 
@@ -220,8 +258,38 @@ def _train_and_evaluate(config, workdir: str,
   stats = stats_lib.PipelineStats()
   info = preparation.prepare_data(config.data, skips=stats.skips)
   workdir_lib.check_resume_vocab(workdir, info.vocab)
-  train_iter = iter(pipeline.make_train_dataset(config.data, info, stats=stats,
-                                                with_candidates=False))
+  self_train = config.get("self_train") or {}
+  label_steps = self_training.resolve_steps(self_train.get("steps") or (),
+                                            int(config.total_steps))
+  if label_steps and not config.data.batch.get("img", 0):
+    # Labels of the caption images would bring captions into a run that
+    # trains without them (a det-only or det+grd reference).
+    logging.info("config.self_train.steps=%s: off, the run has no img "
+                 "examples (config.data.batch.img=0).", label_steps)
+    label_steps = []
+
+  def make_iter(label_step):
+    path = (self_training.pseudo_path(workdir, label_step)
+            if label_step is not None else None)
+    if path and not os.path.exists(path):
+      raise FileNotFoundError(
+          f"The checkpoint's data position is in the pipeline of the "
+          f"self-training labels of step {label_step}, but {path} is gone. "
+          "Restore it, or move the checkpoints after that step away to "
+          "resume from an earlier one.")
+    data = config.data
+    if label_step is not None:  # A fresh order and augmentation per labels.
+      data = copy.deepcopy(config.data)
+      data.seed = pipeline.derive_seed(config.data.seed, "self_train",
+                                       label_step)
+    return iter(pipeline.make_train_dataset(
+        data, self_training.with_pseudo(
+            info, path, float(self_train.get("weight", 0.5))),
+        stats=stats, with_candidates=False))
+
+  # Self-training: the iterator's saved state names its labels' step.
+  train_iter = (self_training.PhasedData(make_iter) if label_steps
+                else make_iter(None))
   candidates = GlobalCandidates(candidates_lib.candidates_from_config(
       config.data, info.vocab, stats.candidates))
   # ------------------------------------- mesh, model, state, jitted step
@@ -274,6 +342,22 @@ def _train_and_evaluate(config, workdir: str,
   ok = False  # No error on the way out: then log-flush errors are raised.
   try:
     while step < config.total_steps:
+      if step in label_steps and train_iter.label_step != step:
+        # Self-training: label the caption images with this step's model;
+        # the det stream mixes the boxes in from the next batch on. A stop
+        # here saves this step (its data position is before the labels).
+        try:
+          with guard.interruptible(f"self-training: labelling at step {step}"):
+            _label(config, info, setup, state, step, workdir)
+        except runtime.StopRequested as e:
+          if e.detail:
+            raise
+          logging.warning("%s Labelling at step %d was not finished.", e, step)
+          ckpt.maybe_save(step, state, train_iter, meta, force=True)
+          logging.info("Preemption/stop requested: saved step %d, exiting.",
+                       step)
+          break
+        train_iter.switch(step)
       profiler(step, block_on=state)
       # A stalled pipeline never ends the step: a stop then cannot wait.
       with guard.interruptible(

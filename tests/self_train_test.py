@@ -5,6 +5,7 @@ import json
 import os
 import pathlib
 import runpy
+import shutil
 import subprocess
 import sys
 
@@ -129,3 +130,94 @@ def test_command_line_writes_a_det_source_the_student_config_reads(
   assert config.data.sources.det.shapes_det.weight == 1.0
   with pytest.raises(ValueError, match="pseudo-box file"):
     get_config(None)
+
+
+# ------------------------------------------------ self-training in the run
+
+ST_FLAGS = ("--config.total_steps=8", "--config.log_every_steps=1",
+            "--config.checkpoint_every_steps=3",
+            "--config.self_train.steps=(4,)",
+            "--config.self_train.threshold=0.0")
+
+
+def _main(workdir, cache, *flags):
+  cmd = [sys.executable, "-m", "omnitrain_jax.main",
+         f"--config={REPO / 'configs' / 'shapes_demo.py'}:tiny",
+         f"--workdir={workdir}", f"--config.data.cache_dir={cache}", *flags]
+  proc = subprocess.run(cmd, env=binaries.subprocess_env(),
+                        capture_output=True, text=True, timeout=600,
+                        cwd=str(REPO))
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return proc
+
+
+def _train_rows(workdir):
+  rows = {}
+  for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
+    row = json.loads(line)
+    if "loss" in row:
+      rows[row["step"]] = row
+  return rows
+
+
+def test_in_run_labels_and_resumes_exactly_around_them(reference_run,
+                                                       tmp_path):
+  """A run that labels at step 4 (OWL-ST in the run): the same batches and
+  losses as the plain run before the labels, the pseudo-box file read as a
+  det source after them, and a resume from a checkpoint before the labels
+  (relabels) or after them (the labels' pipeline, at its position) repeats
+  the uninterrupted run step for step."""
+  reference, cache = reference_run
+  full = tmp_path / "full"
+  proc = _main(full, cache, *ST_FLAGS)
+  labels = full / "pseudo" / "4.json"
+  pseudo = json.loads(labels.read_text())
+  summary = json.loads((full / "pseudo" / "4.summary.json").read_text())
+  assert summary["step"] == 4 and summary["boxes"] == len(
+      pseudo["annotations"]) > 0
+  assert f"pseudo: loaded {len(pseudo['images'])} det records from {labels}" \
+      in proc.stderr
+  a, plain = _train_rows(full), _train_rows(reference)
+  assert sorted(a) == list(range(1, 9))
+  for step in range(1, 5):  # The reference: the same run without labels.
+    assert a[step]["loss"] == plain[step]["loss"], step
+    assert a[step]["data/fingerprint"] == plain[step]["data/fingerprint"]
+  assert [a[s]["data/fingerprint"] for s in range(5, 9)] != [
+      plain[s]["data/fingerprint"] for s in range(5, 9)]
+  # Every box is one of its image's caption names (the tiny run's names).
+  names = {c["id"]: c["name"] for c in pseudo["categories"]}
+  words = set(ST["_DEFAULT_NAME_WORDS"])
+  for ann in pseudo["annotations"]:
+    assert set(names[ann["category_id"]].split()) <= words
+
+  for keep, first in ((3, 4), (6, 7)):
+    cut = tmp_path / f"from{keep}"
+    shutil.copytree(full, cut)
+    for step_dir in (cut / "checkpoints").iterdir():
+      if step_dir.name.isdigit() and int(step_dir.name) > keep:
+        shutil.rmtree(step_dir)
+    (cut / "metrics.jsonl").unlink()
+    if keep < 4:  # Labelled again, from the same parameters.
+      for f in (cut / "pseudo").iterdir():
+        f.unlink()
+    _main(cut, cache, *ST_FLAGS)
+    b = _train_rows(cut)
+    assert sorted(b) == list(range(first, 9)), keep
+    for step in b:
+      assert b[step]["loss"] == a[step]["loss"], (keep, step)
+      assert b[step]["data/fingerprint"] == a[step]["data/fingerprint"]
+    assert json.loads((cut / "pseudo" / "4.json").read_text()) == pseudo
+
+
+def test_in_run_labels_need_a_valid_step(reference_run, tmp_path):
+  _, cache = reference_run
+  cmd = [sys.executable, "-m", "omnitrain_jax.main",
+         f"--config={REPO / 'configs' / 'shapes_demo.py'}:tiny",
+         f"--workdir={tmp_path / 'w'}", f"--config.data.cache_dir={cache}",
+         "--config.total_steps=4", "--config.self_train.steps=(4,)"]
+  proc = subprocess.run(cmd, env=binaries.subprocess_env(),
+                        capture_output=True, text=True, timeout=300,
+                        cwd=str(REPO))
+  assert proc.returncode != 0
+  assert ("config.self_train.steps=(4,): 4 is step 4, not between 1 and "
+          "config.total_steps - 1 = 3") in proc.stderr
