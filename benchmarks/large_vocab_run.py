@@ -66,7 +66,9 @@ def run_main(config: str, workdir: pathlib.Path, steps: int, log_every: int,
          f"--workdir={workdir}", f"--config.total_steps={steps}",
          f"--config.log_every_steps={log_every}",
          f"--config.checkpoint_every_steps={steps}",
-         f"--config.eval_every_steps={steps}", *overrides]
+         f"--config.eval_every_steps={steps}",
+         # The step's cost only: no self-training labelling passes.
+         "--config.self_train.steps=()", *overrides]
   if cache_dir:
     cmd.append(f"--config.data.cache_dir={cache_dir}")
   env = dict(os.environ, PYTHONPATH=str(REPO))

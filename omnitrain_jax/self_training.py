@@ -51,9 +51,7 @@ from absl import logging
 from etils import epath
 import numpy as np
 
-from omnitrain_jax.data import images as images_lib
 from omnitrain_jax.data import sources as sources_lib
-from omnitrain_jax.data import transforms
 from omnitrain_jax.evaluation import detections as detections_lib
 from omnitrain_jax.evaluation import grounding_metrics
 from omnitrain_jax.evaluation import predictor as predictor_lib
@@ -188,17 +186,10 @@ def caption_images(records: Iterable[Mapping[str, Any]], tokenizer,
 
 def load_image(predictor: predictor_lib.Predictor, image: CaptionImage
                ) -> predictor_lib.LoadedImage:
-  """`Predictor.load_image`, with the record's size checked as in training."""
-  record = {"image_path": image.path, "width": image.width,
-            "height": image.height, "source": SOURCE_NAME,
-            "image_id": image.image_id}
-  pixels = images_lib.load_image(record)
-  resized = transforms.ResizePad(predictor.model.image_size).apply(
-      {"image": pixels, "boxes": np.zeros((0, 4), np.float32),
-       "stream": "img"})
-  return predictor_lib.LoadedImage(path=image.path, pixels=pixels,
-                                   canvas=resized["image"],
-                                   scale=float(resized["scale"]))
+  """`Predictor.load_record` of one caption image."""
+  return predictor.load_record({
+      "image_path": image.path, "width": image.width, "height": image.height,
+      "source": SOURCE_NAME, "image_id": image.image_id})
 
 
 def label(predictor: predictor_lib.Predictor, images: Sequence[CaptionImage],

@@ -193,8 +193,15 @@ class Predictor:
 
   def load_image(self, path: str) -> LoadedImage:
     """Decodes (EXIF-rotated RGB) and resizes/pads like evaluation."""
-    record = {"image_path": os.path.abspath(path), "width": 0, "height": 0,
-              "source": "predict", "image_id": 0}
+    return self.load_record({"image_path": os.path.abspath(path), "width": 0,
+                             "height": 0, "source": "predict", "image_id": 0},
+                            path=path)
+
+  def load_record(self, record: dict[str, Any], path: str | None = None
+                  ) -> LoadedImage:
+    """`load_image` of a reader record (its size checked as in training);
+    `path`: the `LoadedImage.path` (default the record's)."""
+    path = record["image_path"] if path is None else path
     pixels = images_lib.load_image(record)
     resized = transforms.ResizePad(self.model.image_size).apply(
         {"image": pixels, "boxes": np.zeros((0, 4), np.float32),
