@@ -342,8 +342,9 @@ def with_pseudo(info, path: str | None, weight: float):
 
 
 class PhasedData:
-  """The training iterator of a self-training run: the pipeline of the last
-  labelling step, which its saved state names.
+  """The trainer's training iterator: the pipeline of the last self-training
+  labelling step (None before the first, and in runs without it), which its
+  saved state names.
 
   A grain checkpoint item (``get_state`` -> bytes, ``set_state``,
   ``start_prefetch``): the state is ``{"label_step": K, "inner": ...}``, K

@@ -23,6 +23,10 @@
 * **Resume-first.** Latest checkpoint in the workdir > ``config.init_from`` >
   scratch. The grain iterator is saved with the state, so a resumed run sees
   the same batches and, the step being deterministic, the same losses.
+* **Self-training.** At each of ``config.self_train.steps`` the caption
+  images are labelled with the current parameters (`self_training`) and the
+  data switches to a pipeline with those boxes as a det source; the saved
+  iterator state names the labels' step (`self_training.PhasedData`).
 * **Stops.** SIGTERM (preemption) and SIGINT (Ctrl-C; single-process runs and
   runs without JAX's preemption service) save at the end of the step and exit;
   during start-up it stops at once, during an evaluation it ends the
@@ -287,9 +291,11 @@ def _train_and_evaluate(config, workdir: str,
             info, path, float(self_train.get("weight", 0.5))),
         stats=stats, with_candidates=False))
 
-  # Self-training: the iterator's saved state names its labels' step.
-  train_iter = (self_training.PhasedData(make_iter) if label_steps
-                else make_iter(None))
+  # The iterator's saved state names the step of the self-training labels
+  # it mixes in (None: none), so a resumed run rebuilds that pipeline -- also
+  # when self-training was turned off since (the labels are kept, no new
+  # ones are made).
+  train_iter = self_training.PhasedData(make_iter)
   candidates = GlobalCandidates(candidates_lib.candidates_from_config(
       config.data, info.vocab, stats.candidates))
   # ------------------------------------- mesh, model, state, jitted step
