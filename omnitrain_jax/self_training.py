@@ -52,6 +52,7 @@ from etils import epath
 import numpy as np
 
 from omnitrain_jax.data import sources as sources_lib
+from omnitrain_jax.evaluation import context as context_lib
 from omnitrain_jax.evaluation import detections as detections_lib
 from omnitrain_jax.evaluation import grounding_metrics
 from omnitrain_jax.evaluation import predictor as predictor_lib
@@ -206,7 +207,6 @@ def label(predictor: predictor_lib.Predictor, images: Sequence[CaptionImage],
   cat_ids = {n: i + 1 for i, n in enumerate(all_names)}
   out_images, anns = [], []
   per_name: collections.Counter = collections.Counter()
-  named = 0
   t0 = time.time()
   queries = predictor.text_queries(all_names) if all_names else []
   batch_size = max(batch_size - batch_size % predictor.data_parallel,
@@ -249,12 +249,10 @@ def label(predictor: predictor_lib.Predictor, images: Sequence[CaptionImage],
 
 
 def write_json(path: str, value: Any) -> None:
-  """Writes `value` to `path` atomically (a temporary name, then a rename)."""
+  """`evaluation.context.write_json` (atomic), its folder made first."""
   target = epath.Path(path)
   target.parent.mkdir(parents=True, exist_ok=True)
-  tmp = target.parent / (target.name + ".tmp")
-  tmp.write_text(json.dumps(value))
-  tmp.rename(target)
+  context_lib.write_json(target, value)
 
 
 def pseudo_source(path: str, weight: float) -> sources_lib.SourceSpec:

@@ -105,7 +105,9 @@ def test_with_pseudo_adds_a_det_source_only_when_there_are_boxes(tmp_path):
   self_training.write_json(str(full), {"images": [{"id": 1}],
                                        "annotations": [{"id": 1}],
                                        "categories": []})
-  assert not (tmp_path / "full.json.tmp").exists()
+  # Atomic: no temporary file is left next to it.
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.json",
+                                                        "full.json"]
   got = self_training.with_pseudo(info, str(full), 0.25)
   spec = got.sources["det"]["pseudo"]
   assert (spec.reader, spec.train, spec.weight) == ("coco_instances",
